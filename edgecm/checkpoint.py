@@ -1,0 +1,162 @@
+"""Open a checkpoint on disk and read its tensors lazily, under one canonical naming.
+
+Canonical names (what the rest of edgecm uses, whatever the file says):
+    embed_tokens.weight, norm.weight, lm_head.weight
+    layers.{i}.self_attn.{q,k,v,o}_proj.{weight,bias}
+    layers.{i}.mlp.{gate,up,down}_proj.{weight,bias}
+    layers.{i}.{input_layernorm,post_attention_layernorm}.weight
+    vision_tower.<CLIPVisionModel state-dict name, without a ``vision_model.`` wrapper>
+    multi_modal_projector.linear_{1,2}.{weight,bias}
+
+Accepted layouts: llava-hf as saved by transformers 4.x
+(``language_model.model.layers.N``), by transformers 5.x
+(``model.language_model.layers.N``, ``model.vision_tower``, ``lm_head``),
+plain ``LlamaForCausalLM`` (``model.layers.N``), and GGUF files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edgecm.config import ModelConfig, load_model_config
+from edgecm.errors import EdgecmError
+from edgecm.safetensors_source import TensorInfo, read_tensors, scan_directory
+
+# Ordered: the first matching prefix wins, so the specific LLaVA prefixes come
+# before the generic Llama ``model.``.
+_PREFIX_RULES = (
+    ("model.language_model.", ""),
+    ("language_model.model.", ""),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.", ""),
+    ("", ""),
+)
+
+
+def canonical_name(name: str) -> str:
+    for prefix, replacement in _PREFIX_RULES:
+        if name.startswith(prefix):
+            name = replacement + name[len(prefix):]
+            break
+    # CLIP towers saved by transformers 4.x wrap their modules in ``vision_model.``; 5.x does not.
+    if name.startswith("vision_tower.vision_model."):
+        name = "vision_tower." + name[len("vision_tower.vision_model."):]
+    return name
+
+
+class _SafetensorsSource:
+    def __init__(self, model_dir: Path):
+        self._infos: dict[str, TensorInfo] = {canonical_name(k): v for k, v in scan_directory(model_dir).items()}
+
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def nbytes(self, name: str) -> int:
+        return self._infos[name].nbytes
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        infos = [self._infos[n] for n in names]
+        by_key = read_tensors(infos)
+        return {n: by_key[info.key] for n, info in zip(names, infos)}
+
+
+@dataclass(frozen=True)
+class TokenizerSource:
+    """Where the tokenizer/processor files are: a directory, plus a GGUF file name for GGUF models."""
+
+    directory: Path
+    gguf_file: str | None = None
+
+
+class Checkpoint:
+    """A model on disk: its config, and per-layer lazy tensor reads."""
+
+    def __init__(self, path: Path, config: ModelConfig, source, tokenizer: TokenizerSource):
+        self.path = path
+        self.config = config
+        self._source = source
+        self.tokenizer_source = tokenizer
+        self._names = set(source.names())
+        self._check_complete()
+
+    def _check_complete(self) -> None:
+        text = self.config.text
+        required = ["embed_tokens.weight", "norm.weight"]
+        if not text.tie_word_embeddings:
+            required.append("lm_head.weight")
+        for i in range(text.num_layers):
+            required += [f"layers.{i}.{n}.weight" for n in _LAYER_MATRICES]
+        if self.config.is_multimodal:
+            required += ["multi_modal_projector.linear_1.weight", "multi_modal_projector.linear_2.weight"]
+        missing = [n for n in required if n not in self._names]
+        if missing:
+            raise EdgecmError(
+                f"{self.path}: {len(missing)} weights missing (first: {missing[0]}); the checkpoint is incomplete "
+                f"or its shards do not match config.json; re-download it"
+            )
+
+    def has(self, name: str) -> bool:
+        return name in self._names
+
+    def nbytes(self, name: str) -> int:
+        return self._source.nbytes(name)
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        return self._source.read(names)
+
+    def layer_names(self, index: int) -> list[str]:
+        prefix = f"layers.{index}."
+        return sorted(n for n in self._names if n.startswith(prefix))
+
+    def read_layer(self, index: int) -> dict[str, torch.Tensor]:
+        """One decoder layer's tensors, keyed without the ``layers.{index}.`` prefix."""
+        prefix = f"layers.{index}."
+        return {n[len(prefix):]: t for n, t in self.read(self.layer_names(index)).items()}
+
+    def read_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Every tensor under ``prefix`` (e.g. ``vision_tower.``), keyed without it."""
+        names = sorted(n for n in self._names if n.startswith(prefix))
+        return {n[len(prefix):]: t for n, t in self.read(names).items()}
+
+    def layer_nbytes(self, index: int) -> int:
+        return sum(self.nbytes(n) for n in self.layer_names(index))
+
+
+_LAYER_MATRICES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+    "input_layernorm",
+    "post_attention_layernorm",
+)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a checkpoint directory (safetensors) or a ``.gguf`` file; validate before any tensor is read."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise EdgecmError(f"{path}: no such file or directory; pass --model a checkpoint directory or a .gguf file")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise EdgecmError(f"{path}: not a checkpoint; pass --model a checkpoint directory or a .gguf file")
+        return _open_gguf(path)
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _open_gguf(ggufs[0])
+    config = load_model_config(path)
+    return Checkpoint(path, config, _SafetensorsSource(path), TokenizerSource(path))
+
+
+def _open_gguf(path: Path) -> Checkpoint:
+    from edgecm.gguf_source import GGUFSource
+
+    source = GGUFSource(path)
+    return Checkpoint(path, source.config, source, TokenizerSource(path.parent, gguf_file=path.name))

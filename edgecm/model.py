@@ -1,0 +1,172 @@
+"""The LLaMA-family decoder layer, written as functions over explicit weights.
+
+Weights are plain tensors in a ``LayerWeights`` record rather than
+``nn.Module`` parameters: a layer's weights arrive from the streamer, are
+used, and are dropped, and a sparse layer is the same record with sliced FFN
+matrices. The numerics follow transformers' Llama exactly (RMSNorm in float32,
+rotary embedding on absolute positions, scaled_dot_product_attention) so dense
+logits match it to float32 round-off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from edgecm.config import TextConfig
+from edgecm.errors import EdgecmError
+from edgecm.kv_cache import KVCache
+from edgecm.rope import apply_rotary
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+# Called with the FFN's down_proj input h = act(gate(x)) * up(x), shape (B, T, F).
+FFNObserver = Callable[[torch.Tensor], None]
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name not in ACTIVATIONS:
+        raise EdgecmError(f"config.json: hidden_act '{name}' is not supported; supported: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One decoder layer. Matrices are (out_features, in_features) as in nn.Linear."""
+
+    input_norm: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate: torch.Tensor  # (F, d)
+    up: torch.Tensor  # (F, d)
+    down: torch.Tensor  # (d, F)
+    q_bias: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+    _STATE_NAMES = {
+        "input_norm": "input_layernorm.weight",
+        "post_norm": "post_attention_layernorm.weight",
+        "q": "self_attn.q_proj.weight",
+        "k": "self_attn.k_proj.weight",
+        "v": "self_attn.v_proj.weight",
+        "o": "self_attn.o_proj.weight",
+        "q_bias": "self_attn.q_proj.bias",
+        "k_bias": "self_attn.k_proj.bias",
+        "v_bias": "self_attn.v_proj.bias",
+        "o_bias": "self_attn.o_proj.bias",
+        "gate": "mlp.gate_proj.weight",
+        "up": "mlp.up_proj.weight",
+        "down": "mlp.down_proj.weight",
+        "gate_bias": "mlp.gate_proj.bias",
+        "up_bias": "mlp.up_proj.bias",
+        "down_bias": "mlp.down_proj.bias",
+    }
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> "LayerWeights":
+        """Build from a layer's state dict (canonical names without the ``layers.N.`` prefix)."""
+        kwargs = {}
+        for attr, key in cls._STATE_NAMES.items():
+            tensor = state.get(key)
+            if tensor is not None:
+                kwargs[attr] = tensor.to(device=device, dtype=dtype)
+        return cls(**kwargs)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (getattr(self, f.name) for f in fields(self)) if t is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def with_ffn_neurons(self, neurons: torch.Tensor) -> "LayerWeights":
+        """The same layer with its FFN restricted to ``neurons`` (gate/up rows, down columns)."""
+        return replace(
+            self,
+            gate=self.gate[neurons].contiguous(),
+            up=self.up[neurons].contiguous(),
+            down=self.down[:, neurons].contiguous(),
+            gate_bias=None if self.gate_bias is None else self.gate_bias[neurons].contiguous(),
+            up_bias=None if self.up_bias is None else self.up_bias[neurons].contiguous(),
+        )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in float32 whatever the compute dtype, as transformers' LlamaRMSNorm does.
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def attention(
+    x: torch.Tensor,
+    w: LayerWeights,
+    text: TextConfig,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+) -> torch.Tensor:
+    """Grouped-query self-attention over the cache's entries plus ``x``. x: (B, T, d)."""
+    b, t, _ = x.shape
+    h, hkv, d = text.num_heads, text.num_kv_heads, text.head_dim
+    q = F.linear(x, w.q, w.q_bias).view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
+    k = F.linear(x, w.k, w.k_bias).view(b, t, hkv, d).transpose(1, 2)  # (B, Hkv, T, D)
+    v = F.linear(x, w.v, w.v_bias).view(b, t, hkv, d).transpose(1, 2)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    had_entries = cache.length(layer) > 0
+    keys, values, kv_positions = cache.update(layer, k, v, positions)
+    mask, causal = None, False
+    if t > 1 and not had_entries:
+        # Entries are in position order, so plain causal masking is exact even after compaction.
+        causal = True
+    elif t > 1:
+        mask = kv_positions[None, :] <= positions.to(kv_positions.device)[:, None]  # (T, S)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=h != hkv)
+    out = out.transpose(1, 2).reshape(b, t, h * d)
+    return F.linear(out, w.o, w.o_bias)
+
+
+def feed_forward(
+    x: torch.Tensor, w: LayerWeights, act: Callable[[torch.Tensor], torch.Tensor], observer: FFNObserver | None = None
+) -> torch.Tensor:
+    """SwiGLU: down(act(gate(x)) * up(x)). ``observer`` sees the down_proj input (B, T, F)."""
+    hidden = act(F.linear(x, w.gate, w.gate_bias)) * F.linear(x, w.up, w.up_bias)
+    if observer is not None:
+        observer(hidden)
+    return F.linear(hidden, w.down, w.down_bias)
+
+
+def decoder_layer(
+    x: torch.Tensor,
+    w: LayerWeights,
+    text: TextConfig,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    observer: FFNObserver | None = None,
+) -> torch.Tensor:
+    """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(.)). x: (B, T, d)."""
+    x = x + attention(rms_norm(x, w.input_norm, text.rms_norm_eps), w, text, cos, sin, positions, cache, layer)
+    ffn_in = rms_norm(x, w.post_norm, text.rms_norm_eps)
+    return x + feed_forward(ffn_in, w, activation(text.hidden_act), observer)

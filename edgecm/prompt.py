@@ -1,0 +1,140 @@
+"""Turning a question (and an image) into token ids, with the checkpoint's own processor.
+
+The checkpoint's processor expands the image placeholder into one token per
+image feature and its chat template formats the turn. Without a chat
+template, LLaVA checkpoints fall back to the LLaVA-1.5 format
+``USER: <image>\\n{question} ASSISTANT:``; text-only models without one get
+the question as plain text (a completion prompt).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from edgecm.checkpoint import Checkpoint
+from edgecm.errors import EdgecmError
+
+LLAVA_FALLBACK_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+LLAVA_FALLBACK_TEXT_ONLY = "USER: {question} ASSISTANT:"
+
+
+@dataclass
+class Prompt:
+    """A tokenised prompt: ids (1, T), pixel values (1, 3, H, W) or None, and the rendered text."""
+
+    input_ids: torch.Tensor
+    pixel_values: torch.Tensor | None
+    text: str
+    image_token_id: int | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    @property
+    def image_positions(self) -> torch.Tensor:
+        """Positions holding image features, derived from the placeholder token (never fixed offsets)."""
+        if self.pixel_values is None or self.image_token_id is None:
+            return torch.empty(0, dtype=torch.long)
+        return (self.input_ids[0] == self.image_token_id).nonzero().flatten()
+
+
+def _quiet_transformers() -> None:
+    # The image-processor backend fallback and similar notices are not for end users.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+class PromptBuilder:
+    """Loads the tokenizer (and, for LLaVA, the processor) of a checkpoint."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        _quiet_transformers()
+        import transformers
+
+        self.config = checkpoint.config
+        src = checkpoint.tokenizer_source
+        try:
+            if self.config.is_multimodal:
+                self.processor = transformers.AutoProcessor.from_pretrained(str(src.directory))
+                self.tokenizer = self.processor.tokenizer
+            else:
+                self.processor = None
+                kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+                self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(src.directory), **kwargs)
+        except (OSError, ValueError, KeyError) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EdgecmError(
+                f"{src.directory}: cannot load the tokenizer/processor ({first_line}); "
+                f"copy the checkpoint's tokenizer and processor files next to config.json"
+            ) from None
+        self.chat_template = getattr(self.processor or self.tokenizer, "chat_template", None)
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        ids = list(self.config.text.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(int(self.tokenizer.eos_token_id))
+        return tuple(ids)
+
+    def render(self, question: str, with_image: bool) -> str:
+        """The prompt text for one user turn, ending where the assistant's answer begins."""
+        if self.chat_template:
+            if self.processor is not None:
+                content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
+                messages = [{"role": "user", "content": content}]
+                return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            messages = [{"role": "user", "content": question}]
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if self.config.is_multimodal:
+            template = LLAVA_FALLBACK_TEMPLATE if with_image else LLAVA_FALLBACK_TEXT_ONLY
+            return template.format(question=question)
+        return question
+
+    def build(self, question: str, image=None) -> Prompt:
+        """Tokenise one turn; ``image`` is a PIL image or None."""
+        if image is not None and not self.config.is_multimodal:
+            raise EdgecmError("this is a text-only model; drop --image or pass --model a LLaVA checkpoint")
+        text = self.render(question, with_image=image is not None)
+        bos = self.tokenizer.bos_token
+        # A template that already writes BOS must not get a second one from the tokenizer.
+        add_special = not (bos and text.startswith(bos))
+        if image is not None:
+            enc = self.processor(images=image, text=text, return_tensors="pt", add_special_tokens=add_special)
+            prompt = Prompt(enc["input_ids"], enc["pixel_values"], text, self.config.image_token_id)
+            expected = self.config.vision.tokens_per_image
+            found = int(prompt.image_positions.numel())
+            if found != expected:
+                raise EdgecmError(
+                    f"the processor produced {found} image tokens but the vision tower yields {expected}; "
+                    f"the checkpoint's processor files do not match its config.json"
+                )
+            return prompt
+        enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=add_special)
+        return Prompt(enc["input_ids"], None, text, self.config.image_token_id)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+class TextStream:
+    """Incremental detokenisation: yields only text that will not change as more tokens arrive."""
+
+    def __init__(self, builder: PromptBuilder):
+        self.builder = builder
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.builder.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return ""
+        new = text[len(self.emitted):] if text.startswith(self.emitted) else ""
+        self.emitted = text
+        return new

@@ -1,0 +1,1 @@
+"""Running an edgecm model inside a memory budget: engine, streamer, telemetry."""

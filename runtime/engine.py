@@ -1,0 +1,219 @@
+"""Prefill and decode loops over a streamed decoder.
+
+The engine keeps resident only what every step needs: the token embedding,
+the final norm, the LM head and the KV cache. Decoder layers come from the
+streamer one at a time, for prefill and for every decode step, unless the
+streamer was asked to keep them resident.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from edgecm.checkpoint import Checkpoint
+from edgecm.errors import EdgecmError
+from edgecm.kv_cache import KVCache
+from edgecm.model import decoder_layer, rms_norm
+from edgecm.prompt import Prompt
+from edgecm.rope import Rotary
+from edgecm.sampling import SamplingSettings, next_token
+from edgecm.vision import VisionEncoder
+from runtime.streamer import LayerStreamer
+from runtime.telemetry import PeakRSS, Spans, device_memory
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EdgecmError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise EdgecmError(f"--device {name}: unknown device; use cpu or cuda")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str | None, device: torch.device, checkpoint_dtype: str) -> torch.dtype:
+    """float32 on CPU (exact, and fast there); on CUDA the checkpoint's half type, bf16 only where supported."""
+    if name:
+        if name not in _DTYPES:
+            raise EdgecmError(f"--dtype {name}: unknown; use one of {', '.join(_DTYPES)}")
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    if checkpoint_dtype == "bfloat16" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 128
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    stop_at_eos: bool = True
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    prompt_tokens: int
+    image_tokens: int
+    stop_reason: str  # "eos", "length" or "interrupted"
+    timings: dict[str, float]
+    memory: dict[str, int | None]
+
+
+TokenCallback = Callable[[int], None]
+
+
+class Engine:
+    """One loaded model: resident embedding/norm/head, streamed layers, owned loops."""
+
+    def __init__(self, checkpoint: Checkpoint, device: str = "cpu", dtype: str | None = None, resident: bool = False):
+        self.checkpoint = checkpoint
+        self.config = checkpoint.config
+        self.text = checkpoint.config.text
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device, self.text.dtype)
+        names = ["embed_tokens.weight", "norm.weight"]
+        if not self.text.tie_word_embeddings:
+            names.append("lm_head.weight")
+        resident_tensors = {
+            n: t.to(device=self.device, dtype=self.dtype) for n, t in checkpoint.read(names).items()
+        }
+        self.embed_tokens = resident_tensors["embed_tokens.weight"]  # (V, d)
+        self.final_norm = resident_tensors["norm.weight"]
+        self.lm_head = resident_tensors.get("lm_head.weight", self.embed_tokens)  # tied: the same tensor
+        self.rotary = Rotary(self.text, self.device)
+        self.streamer = LayerStreamer(checkpoint, self.device, self.dtype, resident=resident)
+
+    # -- building blocks -------------------------------------------------------------------------
+
+    def embed(self, prompt: Prompt, spans: Spans | None = None) -> torch.Tensor:
+        """Token embeddings with projected image features placed at the image placeholder. -> (1, T, d)"""
+        ids = prompt.input_ids.to(self.device)
+        hidden = F.embedding(ids, self.embed_tokens)
+        if prompt.pixel_values is None:
+            return hidden
+        if spans is None:
+            spans = Spans(self.device)
+        with spans.span("vision"):
+            encoder = VisionEncoder(self.checkpoint, self.device, self.dtype)
+            features = encoder.encode(prompt.pixel_values)  # (1, N, d)
+            del encoder  # the tower is used once per image; its memory goes back now
+        mask = ids == self.config.image_token_id
+        if int(mask.sum()) != features.shape[0] * features.shape[1]:
+            raise EdgecmError(
+                f"the prompt holds {int(mask.sum())} image tokens but the image gives {features.shape[1]} features; "
+                f"the processor and config.json disagree"
+            )
+        return hidden.masked_scatter(mask[..., None], features.to(hidden.dtype))
+
+    def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """All decoder layers over ``hidden`` (1, T, d) at absolute ``positions`` (T,)."""
+        cos, sin = self.rotary.cos_sin(positions, self.dtype)
+        for index in range(self.text.num_layers):
+            weights = self.streamer.load(index)
+            hidden = decoder_layer(hidden, weights, self.text, cos, sin, positions, cache, index)
+            del weights
+        return hidden
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head: (..., d) -> (..., V) logits in float32."""
+        return F.linear(rms_norm(hidden, self.final_norm, self.text.rms_norm_eps), self.lm_head).float()
+
+    # -- whole passes ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, prompt: Prompt) -> torch.Tensor:
+        """Logits for every prompt position, (1, T, V): the dense reference pass."""
+        hidden = self.embed(prompt)
+        positions = torch.arange(prompt.num_tokens, device=self.device)
+        cache = KVCache(self.text.num_layers)
+        return self.head(self.run_layers(hidden, positions, cache))
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: Prompt,
+        settings: GenerationSettings,
+        stop_token_ids: tuple[int, ...] = (),
+        on_token: TokenCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> GenerationResult:
+        """Prefill the prompt, then decode up to ``settings.max_new_tokens`` tokens."""
+        if settings.max_new_tokens < 1:
+            raise EdgecmError(f"--max-new-tokens {settings.max_new_tokens}: must be at least 1")
+        total = prompt.num_tokens + settings.max_new_tokens
+        if total > self.text.max_position_embeddings:
+            raise EdgecmError(
+                f"prompt ({prompt.num_tokens} tokens) + --max-new-tokens {settings.max_new_tokens} exceeds the "
+                f"model's context of {self.text.max_position_embeddings}; shorten the prompt or lower --max-new-tokens"
+            )
+        spans = Spans(self.device)
+        generator = torch.Generator().manual_seed(settings.sampling.seed)
+        cache = KVCache(self.text.num_layers, reserve_tokens=settings.max_new_tokens)
+        self.streamer.reset_counters()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        tokens: list[int] = []
+        stop_reason = "length"
+        with PeakRSS() as rss:
+            started = time.perf_counter()
+            hidden = self.embed(prompt, spans)
+            with spans.span("prefill"):
+                positions = torch.arange(prompt.num_tokens, device=self.device)
+                hidden = self.run_layers(hidden, positions, cache)
+                logits = self.head(hidden[:, -1])[0]
+            prefill_load = self.streamer.load_seconds
+            first_token_s = time.perf_counter() - started
+            # The next position is the unpruned prompt length, whatever the cache holds.
+            position = prompt.num_tokens
+            with spans.span("decode"):
+                while True:
+                    token = next_token(logits, settings.sampling, generator)
+                    tokens.append(token)
+                    if on_token is not None:
+                        on_token(token)
+                    if settings.stop_at_eos and token in stop_token_ids:
+                        stop_reason = "eos"
+                        break
+                    if len(tokens) >= settings.max_new_tokens:
+                        break
+                    if should_stop is not None and should_stop():
+                        stop_reason = "interrupted"
+                        break
+                    ids = torch.tensor([[token]], device=self.device)
+                    step_positions = torch.tensor([position], device=self.device)
+                    hidden = self.run_layers(F.embedding(ids, self.embed_tokens), step_positions, cache)
+                    logits = self.head(hidden[:, -1])[0]
+                    position += 1
+        decode_steps = max(len(tokens) - 1, 0)  # the first token came from the prefill logits
+        timings = {
+            "vision_s": spans.seconds.get("vision", 0.0),
+            "prefill_s": spans.seconds["prefill"],
+            "prefill_weight_load_s": prefill_load,
+            "first_token_s": first_token_s,
+            "decode_s": spans.seconds["decode"],
+            "decode_weight_load_s": self.streamer.load_seconds - prefill_load,
+            "decode_tokens_per_s": decode_steps / spans.seconds["decode"] if decode_steps else 0.0,
+        }
+        memory = {
+            "rss_start_bytes": rss.start_bytes,
+            "rss_peak_bytes": rss.peak_bytes,
+            "kv_cache_bytes": cache.nbytes(),
+            "weights_read_bytes": self.streamer.bytes_read,
+            **device_memory(self.device),
+        }
+        return GenerationResult(
+            token_ids=tokens,
+            prompt_tokens=prompt.num_tokens,
+            image_tokens=int(prompt.image_positions.numel()),
+            stop_reason=stop_reason,
+            timings=timings,
+            memory=memory,
+        )
