@@ -120,7 +120,8 @@ class GGUFSource:
                 array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
             except (ValueError, NotImplementedError) as exc:
                 raise EdgecmError(f"{self.path}: cannot dequantise {tensor.name} ({exc}); use another GGUF file") from None
-            weight = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+            # Copy: unquantised tensors come back as views of the read-only memory map.
+            weight = torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
             if name.endswith("q_proj.weight"):
                 weight = unpermute_rotary_rows(weight, text.num_heads)
             elif name.endswith("k_proj.weight"):
