@@ -149,7 +149,8 @@ class Engine:
         if settings.max_new_tokens < 1:
             raise EdgecmError(f"--max-new-tokens {settings.max_new_tokens}: must be at least 1")
         total = prompt.num_tokens + settings.max_new_tokens
-        if total > self.text.max_position_embeddings:
+        # Dynamic NTK scaling exists to run past max_position_embeddings; every other rope type stops there.
+        if total > self.text.max_position_embeddings and self.text.rope.rope_type != "dynamic":
             raise EdgecmError(
                 f"prompt ({prompt.num_tokens} tokens) + --max-new-tokens {settings.max_new_tokens} exceeds the "
                 f"model's context of {self.text.max_position_embeddings}; shorten the prompt or lower --max-new-tokens"

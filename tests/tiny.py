@@ -58,7 +58,7 @@ def make_tokenizer():
 def _text_config(vocab: int, gqa: bool, tied: bool, layers: int = 3, **extra):
     from transformers import LlamaConfig
 
-    return LlamaConfig(
+    options = dict(
         vocab_size=vocab,
         hidden_size=64,
         intermediate_size=160,
@@ -71,8 +71,8 @@ def _text_config(vocab: int, gqa: bool, tied: bool, layers: int = 3, **extra):
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=2,
-        **extra,
     )
+    return LlamaConfig(**{**options, **extra})
 
 
 def _rewrite_v4_layout(model_dir: Path) -> None:

