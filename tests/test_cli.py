@@ -1,0 +1,144 @@
+"""The edgecm command: JSON output, streaming text, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import edgecm_cli
+from edgecm.checkpoint import open_checkpoint
+from edgecm.prompt import PromptBuilder
+from edgecm.vision import load_image
+from runtime.engine import Engine, GenerationSettings
+
+SHARDED = dict(gqa=True, tied=False, layout="v4", sharded=True, chat_template=True)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = edgecm_cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_run_json_reports_generation(build_llava, image_path, capsys):
+    model_dir, _ = build_llava(**SHARDED)
+    code, out, err = run_cli(
+        capsys, "run", "--model", str(model_dir), "--image", str(image_path), "-q", "What is shown?",
+        "--max-new-tokens", "12", "--json",
+    )
+    assert code == 0, err
+    record = json.loads(out)
+    for key in ("text", "token_ids", "prompt_tokens", "image_tokens", "timings", "memory"):
+        assert key in record
+    assert record["image_tokens"] == 16 and record["prompt_tokens"] > 16
+    assert 1 <= len(record["token_ids"]) <= 12
+    assert record["timings"]["prefill_s"] > 0 and record["memory"]["rss_peak_bytes"] > 0
+
+    # The CLI's tokens are the engine's greedy tokens for the same prompt.
+    checkpoint = open_checkpoint(model_dir)
+    builder = PromptBuilder(checkpoint)
+    prompt = builder.build("What is shown?", load_image(image_path))
+    expected = Engine(checkpoint).generate(prompt, GenerationSettings(max_new_tokens=12), builder.stop_token_ids)
+    assert record["token_ids"] == expected.token_ids
+    assert record["text"] == builder.decode(expected.token_ids)
+    assert "prefill" in err and "tok/s" in err
+
+
+def test_run_streams_text_to_stdout_and_stats_to_stderr(build_llava, capsys):
+    model_dir, _ = build_llava(**SHARDED)
+    code, out, err = run_cli(capsys, "run", "--model", str(model_dir), "-q", "Count.", "--max-new-tokens", "6")
+    assert code == 0
+    assert out.endswith("\n") and "prefill" not in out
+    assert err.count("\n") == 1 and "decode" in err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    assert err.count("\n") == 1, err
+    assert err.startswith("edgecm: error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_missing_model_directory(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    code, _, err = run_cli(capsys, "run", "--model", str(missing), "-q", "hi")
+    assert_one_line_error(code, err, str(missing), "--model")
+
+
+def test_missing_shard(build_llava, tmp_path, capsys):
+    model_dir, _ = build_llava(**SHARDED)
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    shard = sorted(broken.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    code, _, err = run_cli(capsys, "run", "--model", str(broken), "-q", "hi")
+    assert_one_line_error(code, err, shard.name, "missing", "re-download")
+
+
+def test_truncated_shard(build_llava, tmp_path, capsys):
+    model_dir, _ = build_llava(**SHARDED)
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    shard = sorted(broken.glob("model-*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 1000])
+    code, _, err = run_cli(capsys, "run", "--model", str(broken), "-q", "hi")
+    assert_one_line_error(code, err, shard.name, "truncated")
+
+
+def test_unsupported_architecture(build_llava, tmp_path, capsys):
+    model_dir, _ = build_llava(**SHARDED)
+    broken = tmp_path / "mistral"
+    shutil.copytree(model_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["architectures"] = ["Qwen2VLForConditionalGeneration"]
+    (broken / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "run", "--model", str(broken), "-q", "hi")
+    assert_one_line_error(code, err, "config.json", "Qwen2VLForConditionalGeneration", "not supported")
+
+
+def test_file_that_is_not_an_image(build_llava, tmp_path, capsys):
+    model_dir, _ = build_llava(**SHARDED)
+    fake = tmp_path / "photo.jpg"
+    fake.write_text("this is text, not a JPEG")
+    code, _, err = run_cli(capsys, "run", "--model", str(model_dir), "--image", str(fake), "-q", "hi")
+    assert_one_line_error(code, err, str(fake), "not an image")
+
+
+def test_truncated_image(build_llava, image_path, tmp_path, capsys):
+    model_dir, _ = build_llava(**SHARDED)
+    cut = tmp_path / "cut.png"
+    data = image_path.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])  # half the pixel data gone, not only the trailer
+    code, _, err = run_cli(capsys, "run", "--model", str(model_dir), "--image", str(cut), "-q", "hi")
+    assert_one_line_error(code, err, str(cut))
+
+
+@pytest.mark.parametrize("content", [b"not a gguf file at all", b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40])
+def test_unreadable_gguf(tmp_path, capsys, content):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(content)
+    code, _, err = run_cli(capsys, "run", "--model", str(bad), "-q", "hi")
+    assert_one_line_error(code, err, str(bad), "GGUF")
+
+
+def test_bad_flag_values(build_llava, capsys):
+    model_dir, _ = build_llava(**SHARDED)
+    code, _, err = run_cli(capsys, "run", "--model", str(model_dir), "-q", "hi", "--max-new-tokens", "0")
+    assert_one_line_error(code, err, "--max-new-tokens")
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    """The real entry point, in its own process: exit 2 and one line on stderr."""
+    result = subprocess.run(
+        [sys.executable, "-m", "edgecm_cli", "run", "--model", str(tmp_path / "nope"), "-q", "hi"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stdout == ""

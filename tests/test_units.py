@@ -1,0 +1,83 @@
+"""Small pieces checked on hand-made inputs."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from edgecm.checkpoint import canonical_name
+from edgecm.errors import EdgecmError
+from edgecm.kv_cache import KVCache
+from edgecm.safetensors_source import read_header
+from edgecm.sampling import SamplingSettings, next_token
+
+
+@pytest.mark.parametrize(
+    "stored, canonical",
+    [
+        ("language_model.model.layers.3.mlp.up_proj.weight", "layers.3.mlp.up_proj.weight"),
+        ("model.language_model.layers.3.mlp.up_proj.weight", "layers.3.mlp.up_proj.weight"),
+        ("model.layers.3.mlp.up_proj.weight", "layers.3.mlp.up_proj.weight"),
+        ("language_model.lm_head.weight", "lm_head.weight"),
+        ("lm_head.weight", "lm_head.weight"),
+        ("language_model.model.embed_tokens.weight", "embed_tokens.weight"),
+        ("vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight", "vision_tower.encoder.layers.0.mlp.fc1.weight"),
+        ("model.vision_tower.encoder.layers.0.mlp.fc1.weight", "vision_tower.encoder.layers.0.mlp.fc1.weight"),
+        ("multi_modal_projector.linear_1.bias", "multi_modal_projector.linear_1.bias"),
+        ("model.multi_modal_projector.linear_1.bias", "multi_modal_projector.linear_1.bias"),
+    ],
+)
+def test_canonical_names_for_every_layout(stored, canonical):
+    assert canonical_name(stored) == canonical
+
+
+def test_kv_cache_appends_grows_and_compacts():
+    cache = KVCache(num_layers=1, reserve_tokens=2)
+    k = torch.arange(5.0).view(1, 1, 5, 1)
+    keys, values, pos = cache.update(0, k, -k, torch.arange(5))
+    assert keys.flatten().tolist() == [0, 1, 2, 3, 4] and pos.tolist() == [0, 1, 2, 3, 4]
+    for step in range(5, 12):  # past the reserved room: the buffers regrow and keep their contents
+        keys, values, pos = cache.update(0, torch.full((1, 1, 1, 1), float(step)), torch.zeros(1, 1, 1, 1), torch.tensor([step]))
+    assert keys.flatten().tolist() == list(range(12)) and cache.length(0) == 12
+    cache.prune(0, torch.tensor([0, 3, 11]))
+    assert cache.length(0) == 3
+    assert cache.positions(0).tolist() == [0, 3, 11]  # survivors keep their original positions
+    assert cache.nbytes() == 2 * 3 * 4
+    keys, _, pos = cache.update(0, torch.full((1, 1, 1, 1), 12.0), torch.zeros(1, 1, 1, 1), torch.tensor([12]))
+    assert keys.flatten().tolist() == [0, 3, 11, 12] and pos.tolist() == [0, 3, 11, 12]
+
+
+def test_greedy_and_top_p_sampling():
+    logits = torch.tensor([0.0, 5.0, 4.9, -3.0])
+    assert next_token(logits, SamplingSettings(), None) == 1
+    # top_p small enough that only the most likely token survives: sampling is then deterministic.
+    gen = torch.Generator().manual_seed(0)
+    picks = {next_token(logits, SamplingSettings(temperature=1.0, top_p=0.3), gen) for _ in range(50)}
+    assert picks == {1}
+    picks = {next_token(logits, SamplingSettings(temperature=1.0, top_p=0.99), gen) for _ in range(200)}
+    assert picks == {1, 2}
+
+
+def _write(path, header: dict, data_len: int):
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * data_len)
+
+
+def test_safetensors_header_validation(tmp_path):
+    header = {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
+    good = tmp_path / "good.safetensors"
+    _write(good, header, 16)
+    assert "a" in read_header(good)
+    short = tmp_path / "short.safetensors"
+    _write(short, header, 10)
+    with pytest.raises(EdgecmError, match="short.safetensors: truncated"):
+        read_header(short)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{{{{{")
+    with pytest.raises(EdgecmError, match="not a safetensors file"):
+        read_header(garbage)
+    with pytest.raises(EdgecmError, match="missing"):
+        read_header(tmp_path / "absent.safetensors")
