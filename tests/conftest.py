@@ -12,33 +12,28 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import tiny_llama, tiny_llava, write_test_image  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def build_llava(tmp_path_factory):
-    """Factory: (dir, reference model) for a tiny LLaVA with the given options, built once per option set."""
-    built = {}
-
-    def build(**options):
-        key = tuple(sorted(options.items()))
-        if key not in built:
-            out = tmp_path_factory.mktemp("llava")
-            built[key] = (out, tiny_llava(out, **options))
-        return built[key]
-
-    return build
-
-
-@pytest.fixture(scope="session")
-def build_llama(tmp_path_factory):
+def _built_once(tmp_path_factory, builder, name):
+    """A factory returning (dir, reference model), building each distinct option set only once."""
     built = {}
 
     def build(**options):
         key = repr(sorted(options.items()))
         if key not in built:
-            out = tmp_path_factory.mktemp("llama")
-            built[key] = (out, tiny_llama(out, **options))
+            out = tmp_path_factory.mktemp(name)
+            built[key] = (out, builder(out, **options))
         return built[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def build_llava(tmp_path_factory):
+    return _built_once(tmp_path_factory, tiny_llava, "llava")
+
+
+@pytest.fixture(scope="session")
+def build_llama(tmp_path_factory):
+    return _built_once(tmp_path_factory, tiny_llama, "llama")
 
 
 @pytest.fixture(scope="session")
