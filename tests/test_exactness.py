@@ -132,3 +132,22 @@ def test_llama_matches_transformers(variant, build_llama):
             input_ids=prompt.input_ids, max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS, do_sample=False
         )[0, prompt.num_tokens :].tolist()
     assert result.token_ids == expected
+
+
+# cuDNN may run the CLIP patch convolution in TF32 on recent GPUs, which
+# rounds inputs to 10 mantissa bits: a looser bound than CPU float32.
+CUDA_FP32_LOGIT_ATOL = 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_runs_the_same_path(build_llava, image_path):
+    model_dir, reference = build_llava(**LLAVA_VARIANTS["gqa-tied-v5-sharded-template"])
+    checkpoint = open_checkpoint(model_dir)
+    prompt = PromptBuilder(checkpoint).build(QUESTION, load_image(image_path))
+    engine = Engine(checkpoint, device="cuda", dtype="float32")
+    with torch.no_grad():
+        theirs = reference(input_ids=prompt.input_ids, pixel_values=prompt.pixel_values).logits
+    assert_logits_close(engine.forward(prompt).cpu(), theirs, CUDA_FP32_LOGIT_ATOL)
+    result = engine.generate(prompt, GenerationSettings(max_new_tokens=8, stop_at_eos=False))
+    assert len(result.token_ids) == 8 and result.memory["device_peak_allocated_bytes"] > 0
