@@ -16,12 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from edgecm.checkpoint import Checkpoint
+from edgecm.corematching import LayerActivationStats, TokenSelection, decode_neurons, fastv_scores, select_image_tokens
 from edgecm.errors import EdgecmError
 from edgecm.kv_cache import KVCache
-from edgecm.model import decoder_layer, rms_norm
+from edgecm.model import LayerWeights, decoder_layer, rms_norm
 from edgecm.prompt import Prompt
-from edgecm.rope import Rotary
+from edgecm.rope import Rotary, apply_rotary
 from edgecm.sampling import SamplingSettings, next_token
+from edgecm.sparsity import DENSE, SparsitySettings
 from edgecm.vision import VisionEncoder
 from runtime.streamer import LayerStreamer
 from runtime.telemetry import PeakRSS, Spans, device_memory
@@ -58,6 +60,19 @@ class GenerationSettings:
 
 
 @dataclass
+class PrefillOutcome:
+    """What one prefill decided: the logits of the next token and what decode runs on."""
+
+    logits: torch.Tensor  # (V,) float32, for the token after the prompt
+    decode_layers: dict[int, LayerWeights]  # layers decoded on core-neuron slices, gathered once
+    kept_positions: torch.Tensor  # positions present after layer K (text + kept image tokens)
+    image_tokens: int
+    kept_image_tokens: int
+    core_neurons: list[int]  # per layer: neurons decode uses (the full width for a dense layer)
+    selection: TokenSelection | None = None
+
+
+@dataclass
 class GenerationResult:
     token_ids: list[int]
     prompt_tokens: int
@@ -65,6 +80,11 @@ class GenerationResult:
     stop_reason: str  # "eos", "length" or "interrupted"
     timings: dict[str, float]
     memory: dict[str, int | None]
+    kept_image_tokens: int = 0
+    kv_cache_tokens: list[int] = field(default_factory=list)  # per layer, after generation
+    core_neurons: list[int] = field(default_factory=list)
+    selection: TokenSelection | None = None
+    logits: torch.Tensor | None = None  # (n, V) per generated position, when collected
 
 
 TokenCallback = Callable[[int], None]
@@ -113,14 +133,99 @@ class Engine:
             )
         return hidden.masked_scatter(mask[..., None], features.to(hidden.dtype))
 
-    def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """All decoder layers over ``hidden`` (1, T, d) at absolute ``positions`` (T,)."""
+    def run_layers(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        resident_layers: dict[int, LayerWeights] | None = None,
+    ) -> torch.Tensor:
+        """All decoder layers over ``hidden`` (1, T, d) at absolute ``positions`` (T,).
+
+        A layer found in ``resident_layers`` (the decode set) is used as is; the others come from the streamer.
+        """
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
         for index in range(self.text.num_layers):
-            weights = self.streamer.load(index)
+            weights = (resident_layers or {}).get(index) or self.streamer.load(index)
             hidden = decoder_layer(hidden, weights, self.text, cos, sin, positions, cache, index)
             del weights
         return hidden
+
+    def _fastv(self, hidden: torch.Tensor, w: LayerWeights, cos, sin, image_rows: torch.Tensor) -> torch.Tensor:
+        """FastV's score at this layer: attention from the last prompt token to each image token, mean over heads."""
+        t = hidden.shape[1]
+        h, hkv, d = self.text.num_heads, self.text.num_kv_heads, self.text.head_dim
+        x = rms_norm(hidden, w.input_norm, self.text.rms_norm_eps)
+        q = F.linear(x[:, -1:], w.q, w.q_bias).view(1, 1, h, d).transpose(1, 2)
+        k = F.linear(x, w.k, w.k_bias).view(1, t, hkv, d).transpose(1, 2)
+        q, k = apply_rotary(q, cos[-1:], sin[-1:]), apply_rotary(k, cos, sin)
+        return fastv_scores(q[0, :, 0], k[0], h // hkv)[image_rows]
+
+    def prefill(
+        self, hidden: torch.Tensor, prompt: Prompt, sparsity: SparsitySettings, cache: KVCache
+    ) -> PrefillOutcome:
+        """Run the prompt through every layer, applying CoreMatching as ``sparsity`` says.
+
+        Core neurons are counted from each layer's own FFN activations. At
+        layer K the image tokens are scored and the hidden states, positions and
+        (by default) the KV cache of layers 0..K are compacted to text + kept
+        tokens; layers after K never see the dropped tokens. The last prompt
+        position is text in every supported template and is always kept.
+        """
+        text = self.text
+        positions = torch.arange(prompt.num_tokens, device=self.device)
+        image_rows = prompt.image_positions.to(self.device)
+        cos, sin = self.rotary.cos_sin(positions, self.dtype)
+        prune_at = sparsity.prune_layer if sparsity.prunes_tokens and image_rows.numel() else None
+        if prune_at is not None and prune_at >= text.num_layers:
+            raise EdgecmError(f"--prune-layer {prune_at}: the model has layers 0..{text.num_layers - 1}")
+        collect = sparsity.mode == "corematching"
+        decode_layers: dict[int, LayerWeights] = {}
+        core_counts: list[int] = []
+        selection = None
+        kept_image = int(image_rows.numel())
+        for index in range(text.num_layers):
+            weights = self.streamer.load(index)
+            stats = None
+            if collect:
+                at_k = index == prune_at
+                stats = LayerActivationStats(
+                    sparsity.rho, image_rows if at_k else None, frequency=at_k or sparsity.neurons.kind == "beta"
+                )
+            fastv = None
+            if index == prune_at and sparsity.token_rank == "fastv":
+                fastv = self._fastv(hidden, weights, cos, sin, image_rows)
+            hidden = decoder_layer(hidden, weights, text, cos, sin, positions, cache, index, observer=stats)
+            neurons = decode_neurons(stats, sparsity, index, text.intermediate_size) if collect else None
+            if neurons is not None:
+                decode_layers[index] = weights.with_ffn_neurons(neurons.to(self.device))
+            core_counts.append(text.intermediate_size if neurons is None else int(neurons.numel()))
+            del weights
+            if index == prune_at:
+                selection = select_image_tokens(sparsity, stats, fastv)
+                keep = self._kept_rows(prompt.num_tokens, image_rows, selection.keep.to(self.device))
+                kept_image = int(selection.keep.numel())
+                hidden, positions = hidden[:, keep], positions[keep]
+                cos, sin = cos[keep], sin[keep]
+                if not sparsity.keep_early_kv:
+                    for layer in range(index + 1):
+                        cache.prune(layer, keep)
+        return PrefillOutcome(
+            logits=self.head(hidden[:, -1])[0],
+            decode_layers=decode_layers,
+            kept_positions=positions,
+            image_tokens=int(image_rows.numel()),
+            kept_image_tokens=kept_image,
+            core_neurons=core_counts,
+            selection=selection,
+        )
+
+    def _kept_rows(self, length: int, image_rows: torch.Tensor, kept_image: torch.Tensor) -> torch.Tensor:
+        """Sequence rows surviving layer K: every text row and the kept image rows, in order."""
+        keep = torch.ones(length, dtype=torch.bool, device=self.device)
+        keep[image_rows] = False
+        keep[image_rows[kept_image]] = True
+        return keep.nonzero().flatten()
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: (..., d) -> (..., V) logits in float32."""
@@ -144,8 +249,17 @@ class Engine:
         stop_token_ids: tuple[int, ...] = (),
         on_token: TokenCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
+        sparsity: SparsitySettings = DENSE,
+        forced_tokens: list[int] | None = None,
+        collect_logits: bool = False,
     ) -> GenerationResult:
-        """Prefill the prompt, then decode up to ``settings.max_new_tokens`` tokens."""
+        """Prefill the prompt, then decode up to ``settings.max_new_tokens`` tokens.
+
+        ``forced_tokens`` teacher-forces the continuation (its tokens are fed
+        instead of the model's choices; stopping rules still apply) and
+        ``collect_logits`` keeps the logits of every generated position: together
+        they measure a sparse setting against a dense reference answer.
+        """
         if settings.max_new_tokens < 1:
             raise EdgecmError(f"--max-new-tokens {settings.max_new_tokens}: must be at least 1")
         total = prompt.num_tokens + settings.max_new_tokens
@@ -162,21 +276,26 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         tokens: list[int] = []
+        step_logits: list[torch.Tensor] = []
         stop_reason = "length"
         with PeakRSS() as rss:
             started = time.perf_counter()
             hidden = self.embed(prompt, spans)
             with spans.span("prefill"):
-                positions = torch.arange(prompt.num_tokens, device=self.device)
-                hidden = self.run_layers(hidden, positions, cache)
-                logits = self.head(hidden[:, -1])[0]
+                outcome = self.prefill(hidden, prompt, sparsity, cache)
+                logits = outcome.logits
             prefill_load = self.streamer.load_seconds
             first_token_s = time.perf_counter() - started
             # The next position is the unpruned prompt length, whatever the cache holds.
             position = prompt.num_tokens
             with spans.span("decode"):
                 while True:
-                    token = next_token(logits, settings.sampling, generator)
+                    if collect_logits:
+                        step_logits.append(logits.cpu())
+                    if forced_tokens is not None and len(tokens) < len(forced_tokens):
+                        token = forced_tokens[len(tokens)]
+                    else:
+                        token = next_token(logits, settings.sampling, generator)
                     tokens.append(token)
                     if on_token is not None:
                         on_token(token)
@@ -190,7 +309,9 @@ class Engine:
                         break
                     ids = torch.tensor([[token]], device=self.device)
                     step_positions = torch.tensor([position], device=self.device)
-                    hidden = self.run_layers(F.embedding(ids, self.embed_tokens), step_positions, cache)
+                    hidden = self.run_layers(
+                        F.embedding(ids, self.embed_tokens), step_positions, cache, outcome.decode_layers
+                    )
                     logits = self.head(hidden[:, -1])[0]
                     position += 1
         decode_steps = max(len(tokens) - 1, 0)  # the first token came from the prefill logits
@@ -207,14 +328,20 @@ class Engine:
             "rss_start_bytes": rss.start_bytes,
             "rss_peak_bytes": rss.peak_bytes,
             "kv_cache_bytes": cache.nbytes(),
+            "decode_set_bytes": sum(w.nbytes for w in outcome.decode_layers.values()),
             "weights_read_bytes": self.streamer.bytes_read,
             **device_memory(self.device),
         }
         return GenerationResult(
             token_ids=tokens,
             prompt_tokens=prompt.num_tokens,
-            image_tokens=int(prompt.image_positions.numel()),
+            image_tokens=outcome.image_tokens,
             stop_reason=stop_reason,
             timings=timings,
             memory=memory,
+            kept_image_tokens=outcome.kept_image_tokens,
+            kv_cache_tokens=[cache.length(i) for i in range(self.text.num_layers)],
+            core_neurons=outcome.core_neurons,
+            selection=outcome.selection,
+            logits=torch.stack(step_logits) if collect_logits else None,
         )

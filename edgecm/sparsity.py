@@ -1,0 +1,152 @@
+"""What a CoreMatching run prunes: one frozen settings record, parsed from the user's spellings.
+
+    --mode dense|corematching
+    --tokens knee | all | count:N | ratio:R        how many image tokens survive layer K
+    --token-rank core | fastv | random             which ones (core matching, FastV, seeded random)
+    --neurons beta | mass:S | dense                decode FFN neurons per layer
+    --rho R --beta B --prune-layer K --dense-above F --dense-layers 0,1,29 --keep-early-kv
+
+With ``--token-rank fastv`` or ``random`` and ``--tokens knee`` the baseline
+keeps exactly as many tokens as the CoreMatching knee would, so the three
+rankings are compared at the same budget.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from edgecm.errors import EdgecmError
+
+TOKEN_RANKS = ("core", "fastv", "random")
+MODES = ("dense", "corematching")
+CALIBRATION_FILE = "edgecm-calibration.json"
+
+
+@dataclass(frozen=True)
+class TokenRule:
+    kind: str = "knee"  # "knee" | "all" | "count" | "ratio"
+    value: float = 0.0
+
+    @staticmethod
+    def parse(text: str) -> "TokenRule":
+        name, _, arg = text.partition(":")
+        try:
+            if name in ("knee", "all") and not arg:
+                return TokenRule(name)
+            if name == "count" and int(arg) >= 1:
+                return TokenRule("count", int(arg))
+            if name == "ratio" and 0 < float(arg) <= 1:
+                return TokenRule("ratio", float(arg))
+        except ValueError:
+            pass
+        raise EdgecmError(f"--tokens {text}: use knee, all, count:N (N >= 1) or ratio:R (0 < R <= 1)")
+
+    def __str__(self) -> str:
+        if self.kind in ("knee", "all"):
+            return self.kind
+        return f"{self.kind}:{int(self.value) if self.kind == 'count' else self.value:g}"
+
+
+@dataclass(frozen=True)
+class NeuronBudget:
+    kind: str = "mass"  # "beta" | "mass" | "dense"
+    share: float = 0.0  # for "mass": the share of the prompt's activation mass to keep
+
+    @staticmethod
+    def parse(text: str) -> "NeuronBudget":
+        name, _, arg = text.partition(":")
+        try:
+            if name in ("beta", "dense") and not arg:
+                return NeuronBudget(name)
+            if name == "mass" and 0 < float(arg) <= 1:
+                return NeuronBudget("mass", float(arg))
+        except ValueError:
+            pass
+        raise EdgecmError(f"--neurons {text}: use beta, dense or mass:S (0 < S <= 1)")
+
+    def __str__(self) -> str:
+        return f"mass:{self.share:g}" if self.kind == "mass" else self.kind
+
+
+@dataclass(frozen=True)
+class SparsitySettings:
+    """Defaults are the ones bench/results/fidelity-smollm2-cpu.md supports (see README)."""
+
+    mode: str = "corematching"
+    rho: float = 0.2
+    beta: float = 0.4
+    prune_layer: int = 2
+    tokens: TokenRule = field(default_factory=TokenRule)
+    token_rank: str = "core"
+    neurons: NeuronBudget = field(default_factory=lambda: NeuronBudget("mass", 0.99))
+    # Under a mass budget, a layer that needs more than this fraction of its neurons stays dense.
+    dense_above: float = 0.9
+    dense_layers: tuple[int, ...] = ()
+    keep_early_kv: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise EdgecmError(f"--mode {self.mode}: use one of {', '.join(MODES)}")
+        if self.token_rank not in TOKEN_RANKS:
+            raise EdgecmError(f"--token-rank {self.token_rank}: use one of {', '.join(TOKEN_RANKS)}")
+        if not 0 < self.rho <= 1:
+            raise EdgecmError(f"--rho {self.rho}: must be in (0, 1]")
+        if not 0 < self.beta <= 1:
+            raise EdgecmError(f"--beta {self.beta}: must be in (0, 1]")
+        if self.prune_layer < 0:
+            raise EdgecmError(f"--prune-layer {self.prune_layer}: must be >= 0")
+        if not 0 < self.dense_above <= 1:
+            raise EdgecmError(f"--dense-above {self.dense_above}: must be in (0, 1]")
+
+    @property
+    def prunes_tokens(self) -> bool:
+        return self.mode == "corematching" and self.tokens.kind != "all"
+
+    @property
+    def sparse_neurons(self) -> bool:
+        return self.mode == "corematching" and self.neurons.kind != "dense"
+
+    def to_json(self) -> dict:
+        record = asdict(self)
+        record["tokens"], record["neurons"] = str(self.tokens), str(self.neurons)
+        record["dense_layers"] = list(self.dense_layers)
+        return record
+
+
+DENSE = SparsitySettings(mode="dense")
+
+
+def parse_layer_list(text: str) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(sorted({int(x) for x in text.split(",")}))
+    except ValueError:
+        raise EdgecmError(f"--dense-layers {text}: use a comma-separated list of layer numbers, e.g. 0,1,29") from None
+
+
+def calibration_path(checkpoint_path: Path) -> Path:
+    """Where calibration results live: inside a checkpoint directory, or beside a .gguf file."""
+    if checkpoint_path.is_dir():
+        return checkpoint_path / CALIBRATION_FILE
+    return checkpoint_path.with_name(checkpoint_path.stem + "." + CALIBRATION_FILE)
+
+
+def load_calibration(checkpoint_path: Path) -> dict | None:
+    path = calibration_path(checkpoint_path)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        NeuronBudget.parse(record["neurons"])
+        float(record["dense_above"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, EdgecmError):
+        raise EdgecmError(f"{path}: unreadable calibration file; delete it or run `edgecm calibrate` again") from None
+    return record
+
+
+def apply_calibration(settings: SparsitySettings, record: dict) -> SparsitySettings:
+    return replace(settings, neurons=NeuronBudget.parse(record["neurons"]), dense_above=float(record["dense_above"]))
