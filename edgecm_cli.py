@@ -21,13 +21,14 @@ EXIT_INTERRUPTED = 130
 def _defaults():
     # Defaults come from the library's dataclasses, the one source for them.
     from edgecm.sampling import SamplingSettings
+    from edgecm.sparsity import SparsitySettings
     from runtime.engine import GenerationSettings
 
-    return GenerationSettings(), SamplingSettings()
+    return GenerationSettings(), SamplingSettings(), SparsitySettings()
 
 
 def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
-    gen, sampling = _defaults()
+    gen, sampling, sparse = _defaults()
     return {
         "model": (
             ("--model",),
@@ -68,7 +69,119 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
             ),
         ),
         "json": (("--json",), dict(action="store_true", help="print one JSON object with text, ids, timings and memory")),
+        "mode": (
+            ("--mode",),
+            dict(choices=("dense", "corematching"), default=sparse.mode, help="dense: no pruning at all (default: %(default)s)"),
+        ),
+        "tokens": (
+            ("--tokens",),
+            dict(
+                default=str(sparse.tokens),
+                metavar="RULE",
+                help="image tokens kept after --prune-layer: knee, all, count:N or ratio:R (default: %(default)s)",
+            ),
+        ),
+        "token_rank": (
+            ("--token-rank",),
+            dict(
+                choices=("core", "fastv", "random"),
+                default=sparse.token_rank,
+                help="which image tokens: core matching, or the FastV / seeded random baselines at the same "
+                "budget (default: %(default)s)",
+            ),
+        ),
+        "neurons": (
+            ("--neurons",),
+            dict(
+                metavar="BUDGET",
+                help=f"decode FFN neurons per layer: beta:B (the fraction B most frequently core), mass:S (fewest neurons "
+                f"carrying share S of the prompt's activation mass) or dense (default: the checkpoint's "
+                f"calibration file if present, else {sparse.neurons})",
+            ),
+        ),
+        "rho": (("--rho",), dict(type=float, default=sparse.rho, help="token-wise core fraction (default: %(default)s)")),
+        "beta": (
+            ("--beta",),
+            dict(type=float, default=sparse.beta, help="sentence-wise core fraction at layer K, for token matching (default: %(default)s)"),
+        ),
+        "prune_layer": (
+            ("--prune-layer",),
+            dict(type=int, default=sparse.prune_layer, metavar="K", help="layer after which tokens are dropped (default: %(default)s)"),
+        ),
+        "dense_above": (
+            ("--dense-above",),
+            dict(
+                type=float,
+                metavar="F",
+                help=f"with mass:S, keep a layer dense when it needs more than this fraction of its neurons "
+                f"(default: calibration file, else {sparse.dense_above})",
+            ),
+        ),
+        "dense_layers": (("--dense-layers",), dict(default="", metavar="LIST", help="layers that always decode dense, e.g. 0,1,29")),
+        "target": (
+            ("--target",),
+            dict(type=float, default=None, metavar="A", help="teacher-forced top-1 agreement to reach (default: 0.95)"),
+        ),
+        "prompts": (
+            ("--prompts",),
+            dict(metavar="FILE", help="prompt set: JSONL with a 'prompt' field per line, or one prompt per line "
+                 "(default: the 33 prompts shipped with edgecm)"),
+        ),
+        "limit": (("--limit",), dict(type=int, metavar="N", help="use only the first N prompts")),
+        "keep_early_kv": (
+            ("--keep-early-kv",),
+            dict(action="store_true", help="keep dropped tokens' KV entries in layers 0..K (default: core tokens only)"),
+        ),
     }
+
+
+RUN_FLAGS = ("model", "image", "question", "device", "dtype", "max_new_tokens", "temperature", "top_p", "seed", "resident", "json")
+CALIBRATE_FLAGS = (
+    "model", "image", "prompts", "limit", "target", "max_new_tokens", "device", "dtype", "resident", "dense_above", "json"
+)
+CALIBRATE_NEW_TOKENS = 32
+SPARSITY_FLAGS = ("mode", "tokens", "token_rank", "neurons", "rho", "beta", "prune_layer", "dense_above", "dense_layers", "keep_early_kv")
+
+
+def sparsity_from_flags(args: argparse.Namespace):
+    """SparsitySettings from the flags alone (validated before any model is opened)."""
+    from dataclasses import replace
+
+    from edgecm.sparsity import NeuronBudget, SparsitySettings, TokenRule, parse_layer_list
+
+    settings = SparsitySettings(
+        mode=args.mode,
+        rho=args.rho,
+        beta=args.beta,
+        prune_layer=args.prune_layer,
+        tokens=TokenRule.parse(args.tokens),
+        token_rank=args.token_rank,
+        dense_layers=parse_layer_list(args.dense_layers),
+        keep_early_kv=args.keep_early_kv,
+        seed=args.seed,
+    )
+    if args.neurons is not None:
+        settings = replace(settings, neurons=NeuronBudget.parse(args.neurons))
+    if args.dense_above is not None:
+        settings = replace(settings, dense_above=args.dense_above)
+    return settings
+
+
+def calibrated(settings, args: argparse.Namespace, checkpoint_path):
+    """Apply the checkpoint's calibration file where --neurons / --dense-above were not given."""
+    from dataclasses import replace
+
+    from edgecm.sparsity import apply_calibration, load_calibration
+
+    record = load_calibration(checkpoint_path)
+    if record is None:
+        return settings, None
+    tuned = apply_calibration(settings, record)
+    if args.neurons is not None:
+        tuned = replace(tuned, neurons=settings.neurons)
+    if args.dense_above is not None:
+        tuned = replace(tuned, dense_above=settings.dense_above)
+    return tuned, record
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,10 +198,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer one question about an image (or a text-only prompt)",
         description="Answer one question. Text streams to stdout; a stats line goes to stderr.",
     )
-    for name in ("model", "image", "question", "device", "dtype", "max_new_tokens", "temperature", "top_p", "seed", "resident", "json"):
+    for name in RUN_FLAGS + SPARSITY_FLAGS:
         args, kwargs = flags[name]
         run.add_argument(*args, **kwargs)
     run.set_defaults(handler=cmd_run)
+
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="find the cheapest neuron budget that stays faithful to the dense model",
+        description="Answer a prompt set densely, teacher-force candidate neuron budgets on those answers, and "
+        "write the cheapest one meeting --target to edgecm-calibration.json beside the checkpoint, "
+        "which `edgecm run` then uses. Progress on stderr, the result on stdout.",
+    )
+    for name in CALIBRATE_FLAGS:
+        args, kwargs = flags[name]
+        if name == "max_new_tokens":  # answers to score, not to read: shorter keeps calibration quick
+            kwargs = {**kwargs, "default": CALIBRATE_NEW_TOKENS}
+        calibrate.add_argument(*args, **kwargs)
+    calibrate.set_defaults(handler=cmd_calibrate)
     return parser
 
 
@@ -123,10 +250,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise EdgecmError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     if not 0 < args.top_p <= 1:
         raise EdgecmError(f"--top-p {args.top_p}: must be in (0, 1]")
+    sparsity = sparsity_from_flags(args)
     image = load_image(args.image) if args.image else None  # before the model: bad input fails fast
     checkpoint, model_name = _open_model(args.model)
     builder = PromptBuilder(checkpoint)
     prompt = builder.build(args.question, image)
+    sparsity, calibration = calibrated(sparsity, args, checkpoint.path)
     engine = Engine(checkpoint, device=args.device, dtype=args.dtype, resident=args.resident)
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens,
@@ -140,7 +269,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-    result = engine.generate(prompt, settings, builder.stop_token_ids, on_token=show)
+    result = engine.generate(prompt, settings, builder.stop_token_ids, on_token=show, sparsity=sparsity)
     text = builder.decode(result.token_ids)
     if args.json:
         record = {
@@ -155,6 +284,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             "device": str(engine.device),
             "dtype": str(engine.dtype).replace("torch.", ""),
             "settings": asdict(settings),
+            "sparsity": sparsity.to_json(),
+            "calibrated": calibration is not None,
+            "kept_image_tokens": result.kept_image_tokens,
+            "kv_cache_tokens": result.kv_cache_tokens,
+            "kv_cache_bytes": result.memory["kv_cache_bytes"],
+            "core_neurons": result.core_neurons,
+            "ffn_width": checkpoint.config.text.intermediate_size,
         }
         print(json.dumps(record))
     else:
@@ -163,13 +299,88 @@ def cmd_run(args: argparse.Namespace) -> int:
     t, m = result.timings, result.memory
     peak = m["device_peak_allocated_bytes"] if m["device_peak_allocated_bytes"] is not None else m["rss_peak_bytes"]
     peak_kind = "device peak" if m["device_peak_allocated_bytes"] is not None else "peak RSS"
+    width = checkpoint.config.text.intermediate_size
+    neuron_share = sum(result.core_neurons) / (width * len(result.core_neurons))
     print(
         f"edgecm: prefill {t['prefill_s'] + t['vision_s']:.2f} s ({result.prompt_tokens} tokens, "
-        f"{result.image_tokens} image) | decode {t['decode_tokens_per_s']:.1f} tok/s "
-        f"({len(result.token_ids)} tokens) | KV {_format_bytes(m['kv_cache_bytes'])} | "
+        f"kept {result.kept_image_tokens}/{result.image_tokens} image) | decode {t['decode_tokens_per_s']:.1f} tok/s "
+        f"({len(result.token_ids)} tokens, {neuron_share:.0%} FFN neurons) | "
+        f"KV {_format_bytes(m['kv_cache_bytes'])} ({max(result.kv_cache_tokens)} tokens) | "
         f"{peak_kind} {_format_bytes(peak)}",
         file=sys.stderr,
     )
+    return 0
+
+
+def _read_prompt_file(path: str) -> list[str]:
+    from pathlib import Path
+
+    from edgecm.errors import EdgecmError
+
+    file = Path(path)
+    if not file.is_file():
+        raise EdgecmError(f"{file}: no such prompt file; pass --prompts a JSONL or text file")
+    prompts = []
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                prompts.append(str(json.loads(line)["prompt"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise EdgecmError(f"{file}:{number}: not a JSON object with a 'prompt' field; fix that line") from None
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise EdgecmError(f"{file}: no prompts in it; one prompt per line, or JSONL with a 'prompt' field")
+    return prompts
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from edgecm.calibration import DEFAULT_TARGET, search, write_calibration
+    from edgecm.errors import EdgecmError
+    from edgecm.fidelity import dense_references, load_prompts
+    from edgecm.prompt import PromptBuilder
+    from edgecm.sparsity import SparsitySettings
+    from edgecm.vision import load_image
+    from runtime.engine import Engine
+
+    target = DEFAULT_TARGET if args.target is None else args.target
+    if not 0 < target <= 1:
+        raise EdgecmError(f"--target {target}: must be in (0, 1]")
+    if args.limit is not None and args.limit < 1:
+        raise EdgecmError(f"--limit {args.limit}: must be at least 1")
+    texts = _read_prompt_file(args.prompts) if args.prompts else load_prompts()
+    texts = texts[: args.limit] if args.limit else texts
+    image = load_image(args.image) if args.image else None
+    base = SparsitySettings() if args.dense_above is None else SparsitySettings(dense_above=args.dense_above)
+    checkpoint, model_name = _open_model(args.model)
+    builder = PromptBuilder(checkpoint)
+    prompts = [builder.build(text, image) for text in texts]
+    engine = Engine(checkpoint, device=args.device, dtype=args.dtype, resident=args.resident)
+    print(f"edgecm: dense answers to {len(prompts)} prompts (up to {args.max_new_tokens} tokens each)", file=sys.stderr)
+    refs = dense_references(engine, prompts, builder.stop_token_ids, args.max_new_tokens)
+
+    def report(result) -> None:
+        mark = "meets" if result.top1_agreement >= target else "below"
+        print(
+            f"edgecm: {result.setting:<10} agreement {result.top1_agreement:.3f} ({mark} {target}) | "
+            f"KL {result.mean_kl:.3f} | neurons {result.neuron_fraction:.0%}",
+            file=sys.stderr,
+        )
+
+    settings, result, measured = search(engine, refs, target, base, on_result=report)
+    meta = {"model": model_name, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "image": args.image}
+    path = write_calibration(checkpoint.path, settings, result, target, measured, meta)
+    if args.json:
+        print(path.read_text())
+    elif result is None:
+        print(f"no budget reached agreement {target}; decode stays dense. Wrote {path}")
+    else:
+        print(
+            f"neurons {settings.neurons} (dense above {settings.dense_above:g}): agreement {result.top1_agreement:.3f}, "
+            f"KL {result.mean_kl:.3f}, {result.neuron_fraction:.0%} of FFN neurons. Wrote {path}"
+        )
     return 0
 
 

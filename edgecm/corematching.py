@@ -159,7 +159,7 @@ def decode_neurons(stats: LayerActivationStats, settings, layer: int, width: int
     if not settings.sparse_neurons or layer in settings.dense_layers:
         return None
     if settings.neurons.kind == "beta":
-        return core_neurons(stats.frequency, settings.beta)
+        return core_neurons(stats.frequency, settings.neurons.share)
     chosen = mass_budget_neurons(stats.mass, settings.neurons.share)
     # Slicing a layer that needs nearly all its neurons saves little and costs fidelity.
     return None if chosen.numel() > settings.dense_above * width else chosen

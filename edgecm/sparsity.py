@@ -3,7 +3,7 @@
     --mode dense|corematching
     --tokens knee | all | count:N | ratio:R        how many image tokens survive layer K
     --token-rank core | fastv | random             which ones (core matching, FastV, seeded random)
-    --neurons beta | mass:S | dense                decode FFN neurons per layer
+    --neurons beta:B | mass:S | dense              decode FFN neurons per layer
     --rho R --beta B --prune-layer K --dense-above F --dense-layers 0,1,29 --keep-early-kv
 
 With ``--token-rank fastv`` or ``random`` and ``--tokens knee`` the baseline
@@ -52,22 +52,23 @@ class TokenRule:
 @dataclass(frozen=True)
 class NeuronBudget:
     kind: str = "mass"  # "beta" | "mass" | "dense"
-    share: float = 0.0  # for "mass": the share of the prompt's activation mass to keep
+    # beta: the fraction of neurons kept (top by frequency f(n)); mass: the share of activation mass kept.
+    share: float = 0.0
 
     @staticmethod
     def parse(text: str) -> "NeuronBudget":
         name, _, arg = text.partition(":")
         try:
-            if name in ("beta", "dense") and not arg:
-                return NeuronBudget(name)
-            if name == "mass" and 0 < float(arg) <= 1:
-                return NeuronBudget("mass", float(arg))
+            if name == "dense" and not arg:
+                return NeuronBudget("dense")
+            if name in ("beta", "mass") and 0 < float(arg) <= 1:
+                return NeuronBudget(name, float(arg))
         except ValueError:
             pass
-        raise EdgecmError(f"--neurons {text}: use beta, dense or mass:S (0 < S <= 1)")
+        raise EdgecmError(f"--neurons {text}: use beta:B, mass:S (0 < B, S <= 1) or dense")
 
     def __str__(self) -> str:
-        return f"mass:{self.share:g}" if self.kind == "mass" else self.kind
+        return "dense" if self.kind == "dense" else f"{self.kind}:{self.share:g}"
 
 
 @dataclass(frozen=True)
@@ -76,11 +77,11 @@ class SparsitySettings:
 
     mode: str = "corematching"
     rho: float = 0.2
-    beta: float = 0.4
+    beta: float = 0.4  # sentence-wise core fraction at layer K, for token matching
     prune_layer: int = 2
     tokens: TokenRule = field(default_factory=TokenRule)
     token_rank: str = "core"
-    neurons: NeuronBudget = field(default_factory=lambda: NeuronBudget("mass", 0.99))
+    neurons: NeuronBudget = field(default_factory=lambda: NeuronBudget("mass", 0.98))
     # Under a mass budget, a layer that needs more than this fraction of its neurons stays dense.
     dense_above: float = 0.9
     dense_layers: tuple[int, ...] = ()
@@ -149,4 +150,5 @@ def load_calibration(checkpoint_path: Path) -> dict | None:
 
 
 def apply_calibration(settings: SparsitySettings, record: dict) -> SparsitySettings:
+    """The calibrated neuron budget on top of ``settings``."""
     return replace(settings, neurons=NeuronBudget.parse(record["neurons"]), dense_above=float(record["dense_above"]))

@@ -13,6 +13,7 @@ import edgecm_cli
 from edgecm.checkpoint import open_checkpoint
 from edgecm.prompt import PromptBuilder
 from edgecm.vision import load_image
+from edgecm.sparsity import SparsitySettings
 from runtime.engine import Engine, GenerationSettings
 
 SHARDED = dict(gqa=True, tied=False, layout="v4", sharded=True, chat_template=True)
@@ -38,14 +39,69 @@ def test_run_json_reports_generation(build_llava, image_path, capsys):
     assert 1 <= len(record["token_ids"]) <= 12
     assert record["timings"]["prefill_s"] > 0 and record["memory"]["rss_peak_bytes"] > 0
 
-    # The CLI's tokens are the engine's greedy tokens for the same prompt.
+    # The CLI's tokens are the engine's greedy tokens for the same prompt under the default CoreMatching settings.
+    checkpoint = open_checkpoint(model_dir)
+    builder = PromptBuilder(checkpoint)
+    prompt = builder.build("What is shown?", load_image(image_path))
+    expected = Engine(checkpoint).generate(
+        prompt, GenerationSettings(max_new_tokens=12), builder.stop_token_ids, sparsity=SparsitySettings()
+    )
+    assert record["token_ids"] == expected.token_ids
+    assert record["text"] == builder.decode(expected.token_ids)
+    assert record["kept_image_tokens"] == expected.kept_image_tokens < 16
+    assert record["kv_cache_tokens"] == expected.kv_cache_tokens
+    assert record["kv_cache_bytes"] == record["memory"]["kv_cache_bytes"] > 0
+    assert len(record["core_neurons"]) == 3 and record["sparsity"]["mode"] == "corematching"
+    assert "prefill" in err and "tok/s" in err and f"kept {expected.kept_image_tokens}/16" in err
+
+
+def test_run_dense_mode_matches_dense_engine(build_llava, image_path, capsys):
+    model_dir, _ = build_llava(**SHARDED)
+    code, out, _ = run_cli(
+        capsys, "run", "--model", str(model_dir), "--image", str(image_path), "-q", "What is shown?",
+        "--max-new-tokens", "12", "--json", "--mode", "dense",
+    )
     checkpoint = open_checkpoint(model_dir)
     builder = PromptBuilder(checkpoint)
     prompt = builder.build("What is shown?", load_image(image_path))
     expected = Engine(checkpoint).generate(prompt, GenerationSettings(max_new_tokens=12), builder.stop_token_ids)
-    assert record["token_ids"] == expected.token_ids
-    assert record["text"] == builder.decode(expected.token_ids)
-    assert "prefill" in err and "tok/s" in err
+    record = json.loads(out)
+    assert code == 0 and record["token_ids"] == expected.token_ids and record["kept_image_tokens"] == 16
+
+
+def test_calibrate_writes_a_file_that_run_uses(build_llava, tmp_path, capsys):
+    model_dir, _ = build_llava(**SHARDED)
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    code, out, err = run_cli(
+        capsys, "calibrate", "--model", str(model), "--limit", "3", "--max-new-tokens", "6", "--resident", "--target", "0.5"
+    )
+    assert code == 0, err
+    record = json.loads((model / "edgecm-calibration.json").read_text())
+    assert record["target_top1_agreement"] == 0.5 and record["prompts"] == 3
+    assert record["measured"] and "Wrote" in out and "agreement" in err
+    if record["achieved"] is not None:
+        assert record["achieved"]["top1_agreement"] >= 0.5
+    code, out, _ = run_cli(capsys, "run", "--model", str(model), "-q", "Count.", "--max-new-tokens", "4", "--json")
+    run_record = json.loads(out)
+    assert run_record["calibrated"] and run_record["sparsity"]["neurons"] == record["neurons"]
+    # an explicit flag wins over the file
+    code, out, _ = run_cli(capsys, "run", "--model", str(model), "-q", "Count.", "--max-new-tokens", "4", "--json", "--neurons", "dense")
+    assert json.loads(out)["sparsity"]["neurons"] == "dense"
+
+
+def test_bad_sparsity_flags_fail_before_loading(capsys, tmp_path):
+    for flags, needle in ((["--tokens", "kne"], "--tokens"), (["--neurons", "mass:3"], "--neurons"),
+                          (["--dense-layers", "a,b"], "--dense-layers"), (["--rho", "0"], "--rho")):
+        code, _, err = run_cli(capsys, "run", "--model", str(tmp_path / "absent"), "-q", "hi", *flags)
+        assert_one_line_error(code, err, needle)
+
+
+def test_calibrate_bad_prompt_file(tmp_path, capsys):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"text": "no prompt field"}\n')
+    code, _, err = run_cli(capsys, "calibrate", "--model", str(tmp_path / "absent"), "--prompts", str(bad))
+    assert_one_line_error(code, err, "prompts.jsonl:1", "'prompt'")
 
 
 def test_run_streams_text_to_stdout_and_stats_to_stderr(build_llava, capsys):

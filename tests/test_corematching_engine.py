@@ -38,7 +38,7 @@ def run(engine, prompt, sparsity, **kwargs):
 def test_no_token_pruning_and_beta_one_equals_dense(setup):
     engine, prompt = setup
     dense = run(engine, prompt, SparsitySettings(mode="dense"))
-    identity = run(engine, prompt, SparsitySettings(tokens=TokenRule("all"), neurons=NeuronBudget("beta"), beta=1.0))
+    identity = run(engine, prompt, SparsitySettings(tokens=TokenRule("all"), neurons=NeuronBudget("beta", 1.0)))
     assert identity.token_ids == dense.token_ids
     assert torch.equal(identity.logits, dense.logits)
     assert identity.core_neurons == [engine.text.intermediate_size] * engine.text.num_layers
@@ -48,7 +48,7 @@ def test_neuron_sparsity_leaves_prefill_dense_and_slices_decode(setup):
     engine, prompt = setup
     dense = run(engine, prompt, SparsitySettings(mode="dense"))
     sparse = run(
-        engine, prompt, SparsitySettings(tokens=TokenRule("all"), neurons=NeuronBudget("beta"), beta=0.4, dense_layers=(1,))
+        engine, prompt, SparsitySettings(tokens=TokenRule("all"), neurons=NeuronBudget("beta", 0.4), dense_layers=(1,))
     )
     assert torch.equal(sparse.logits[0], dense.logits[0])  # prefill runs every neuron
     width = engine.text.intermediate_size

@@ -102,9 +102,9 @@ def _stats(h: torch.Tensor, image_rows=None) -> LayerActivationStats:
 def test_decode_neurons_rules():
     h = torch.tensor([[3.0, -1, 2, 0.5, 1, 0.1], [1, 2, 3, 0.2, -1, 0.1]])
     stats = _stats(h)
-    beta = SparsitySettings(neurons=NeuronBudget("beta"), beta=0.5)
+    beta = SparsitySettings(neurons=NeuronBudget("beta", 0.5))
     assert decode_neurons(stats, beta, 0, 6).tolist() == core_neurons(stats.frequency, 0.5).tolist()
-    assert decode_neurons(stats, SparsitySettings(dense_layers=(0,), neurons=NeuronBudget("beta")), 0, 6) is None
+    assert decode_neurons(stats, SparsitySettings(dense_layers=(0,), neurons=NeuronBudget("beta", 0.5)), 0, 6) is None
     # mass: |h| summed = [4, 3, 5, .7, 2, .2]; 0.8 of 14.9 = 11.92 needs 5 + 4 + 3 (3 of 6 neurons)
     assert decode_neurons(stats, SparsitySettings(neurons=NeuronBudget("mass", 0.8)), 0, 6).tolist() == [0, 1, 2]
     # 0.85 needs a fourth (the 2 of neuron 4): 4 of 6
@@ -168,6 +168,8 @@ def test_bad_token_rules_are_refused(bad):
 
 def test_neuron_budget_spellings():
     assert NeuronBudget.parse("mass:0.95") == NeuronBudget("mass", 0.95)
-    assert str(NeuronBudget.parse("beta")) == "beta" and str(NeuronBudget.parse("dense")) == "dense"
-    with pytest.raises(EdgecmError, match="--neurons"):
-        NeuronBudget.parse("mass:2")
+    assert NeuronBudget.parse("beta:0.4") == NeuronBudget("beta", 0.4) and str(NeuronBudget("beta", 0.4)) == "beta:0.4"
+    assert str(NeuronBudget.parse("dense")) == "dense"
+    for bad in ("mass:2", "beta", "dense:1", "mass:x"):
+        with pytest.raises(EdgecmError, match="--neurons"):
+            NeuronBudget.parse(bad)

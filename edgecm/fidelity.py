@@ -1,0 +1,112 @@
+"""How close a sparse setting stays to the dense model, measured on a prompt set.
+
+For each prompt the dense model answers greedily (up to N tokens, stopping at
+EOS); each sparse setting is then teacher-forced on that answer. Reported:
+- top-1 agreement: the share of answer positions where the sparse argmax is
+  the dense model's token;
+- mean KL(dense || sparse) of the next-token distributions;
+- greedy exact-match length: tokens before the first disagreement, which is
+  exactly how long free-running sparse greedy decoding would follow the
+  dense answer (it sees the same tokens up to there);
+- the fraction of FFN neurons decode uses, and decode tokens/s.
+
+The engine is passed in (``runtime.engine.Engine``); this module only measures.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from edgecm.sparsity import DENSE, SparsitySettings, TokenRule
+
+PROMPTS_FILE = Path(__file__).parent / "data" / "prompts.jsonl"
+
+
+def load_prompts(path: Path = PROMPTS_FILE) -> list[str]:
+    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+
+
+@dataclass
+class Reference:
+    """The dense model's answer to one prompt."""
+
+    prompt: object  # edgecm.prompt.Prompt
+    tokens: list[int]
+    logits: torch.Tensor  # (n, V)
+    tokens_per_s: float
+
+
+@dataclass
+class Fidelity:
+    setting: str
+    top1_agreement: float
+    mean_kl: float
+    exact_match_tokens: float  # mean over prompts
+    neuron_fraction: float
+    decode_tokens_per_s: float
+    positions: int
+
+    def to_json(self) -> dict:
+        return self.__dict__.copy()
+
+
+def _generation(max_new_tokens: int):
+    from runtime.engine import GenerationSettings  # the engine lives in runtime/; imported only when used
+
+    return GenerationSettings(max_new_tokens=max_new_tokens)
+
+
+def dense_references(engine, prompts: list, stop_ids: tuple[int, ...], max_new_tokens: int) -> list[Reference]:
+    refs = []
+    for prompt in prompts:
+        r = engine.generate(prompt, _generation(max_new_tokens), stop_ids, sparsity=DENSE, collect_logits=True)
+        refs.append(Reference(prompt, r.token_ids, r.logits, r.timings["decode_tokens_per_s"]))
+    return refs
+
+
+def measure(engine, refs: list[Reference], settings: SparsitySettings, label: str) -> Fidelity:
+    """Teacher-force ``settings`` on every reference answer and pool the metrics over all positions."""
+    agree = kl_sum = positions = 0.0
+    exact, fractions, speeds = [], [], []
+    width = engine.text.intermediate_size
+    for ref in refs:
+        n = len(ref.tokens)
+        r = engine.generate(
+            ref.prompt,
+            replace(_generation(n), stop_at_eos=False),
+            sparsity=settings,
+            forced_tokens=ref.tokens,
+            collect_logits=True,
+        )
+        predicted = r.logits.argmax(dim=-1)
+        target = torch.tensor(ref.tokens)
+        matches = predicted == target
+        agree += float(matches.sum())
+        mismatches = (~matches).nonzero()
+        exact.append(int(mismatches[0]) if mismatches.numel() else n)
+        dense_logp = F.log_softmax(ref.logits.double(), dim=-1)
+        sparse_logp = F.log_softmax(r.logits.double(), dim=-1)
+        kl_sum += float((dense_logp.exp() * (dense_logp - sparse_logp)).sum())
+        positions += n
+        fractions.append(sum(r.core_neurons) / (width * len(r.core_neurons)))
+        if n > 1:
+            speeds.append(r.timings["decode_tokens_per_s"])
+    return Fidelity(
+        setting=label,
+        top1_agreement=agree / positions,
+        mean_kl=kl_sum / positions,
+        exact_match_tokens=sum(exact) / len(exact),
+        neuron_fraction=sum(fractions) / len(fractions),
+        decode_tokens_per_s=sum(speeds) / len(speeds) if speeds else 0.0,
+        positions=int(positions),
+    )
+
+
+def neuron_only(settings: SparsitySettings) -> SparsitySettings:
+    """The same neuron budget with every image token kept: calibration measures neurons alone."""
+    return replace(settings, tokens=TokenRule("all"))
