@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgecm import __version__
+from edgecm.errors import EdgecmError
 from edgecm.fidelity import Fidelity, Reference, measure, neuron_only
 from edgecm.sparsity import NeuronBudget, SparsitySettings, calibration_path
 
@@ -70,6 +71,12 @@ def write_calibration(
         **meta,
     }
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)  # atomic: run never reads a half-written file
+    try:
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(path)  # atomic: run never reads a half-written file
+    except OSError as exc:
+        raise EdgecmError(
+            f"{path}: cannot write the calibration ({exc.strerror}); make the checkpoint directory writable "
+            f"or copy the checkpoint somewhere writable"
+        ) from None
     return path
