@@ -84,23 +84,42 @@ class PromptBuilder:
 
     def render(self, question: str, with_image: bool) -> str:
         """The prompt text for one user turn, ending where the assistant's answer begins."""
+        return self.render_conversation([("user", question)], 0 if with_image else None)
+
+    def render_conversation(self, turns: list[tuple[str, str]], image_turn: int | None) -> str:
+        """A whole conversation ((role, text) pairs, ending with a user turn) as prompt text.
+
+        ``image_turn`` is the index of the user turn the image belongs to (None: no image).
+        """
         if self.chat_template:
             if self.processor is not None:
-                content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
-                messages = [{"role": "user", "content": content}]
+                messages = []
+                for i, (role, text) in enumerate(turns):
+                    content = ([{"type": "image"}] if i == image_turn else []) + [{"type": "text", "text": text}]
+                    messages.append({"role": role, "content": content})
                 return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            messages = [{"role": "user", "content": question}]
+            messages = [{"role": role, "content": text} for role, text in turns]
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        if self.config.is_multimodal:
-            template = LLAVA_FALLBACK_TEMPLATE if with_image else LLAVA_FALLBACK_TEXT_ONLY
-            return template.format(question=question)
-        return question
+        if not self.config.is_multimodal and len(turns) == 1:
+            return turns[0][1]
+        eos = self.tokenizer.eos_token or ""
+        parts = []
+        for i, (role, text) in enumerate(turns):
+            if role == "user":
+                parts.append("USER: " + ("<image>\n" if i == image_turn else "") + text + " ")
+            else:
+                parts.append("ASSISTANT: " + text + eos)
+        return "".join(parts) + "ASSISTANT:"
 
     def build(self, question: str, image=None) -> Prompt:
         """Tokenise one turn; ``image`` is a PIL image or None."""
+        return self.build_conversation([("user", question)], image, 0)
+
+    def build_conversation(self, turns: list[tuple[str, str]], image=None, image_turn: int | None = 0) -> Prompt:
+        """Tokenise a conversation; ``image`` (PIL or None) belongs to user turn ``image_turn``."""
         if image is not None and not self.config.is_multimodal:
             raise EdgecmError("this is a text-only model; drop --image or pass --model a LLaVA checkpoint")
-        text = self.render(question, with_image=image is not None)
+        text = self.render_conversation(turns, image_turn if image is not None else None)
         bos = self.tokenizer.bos_token
         # A template that already writes BOS must not get a second one from the tokenizer.
         add_special = not (bos and text.startswith(bos))

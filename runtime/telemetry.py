@@ -75,3 +75,39 @@ def device_memory(device: torch.device) -> dict[str, int | None]:
     if device.type != "cuda":
         return {"device_peak_allocated_bytes": None}
     return {"device_peak_allocated_bytes": int(torch.cuda.max_memory_allocated(device))}
+
+
+def _nvml_memory(device: torch.device) -> tuple[int, int, str] | None:
+    """(used, total, device name) from NVML, or None where there is no NVML or no driver."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        name = pynvml.nvmlDeviceGetName(handle)
+        return int(info.used), int(info.total), name.decode() if isinstance(name, bytes) else str(name)
+    except pynvml.NVMLError:
+        return None
+
+
+def memory_readout(device: torch.device) -> dict[str, object]:
+    """What the memory gauge shows: used and total bytes and where they come from. Never raises.
+
+    On CUDA: NVML's device view (all processes), else torch's free/total. On CPU:
+    this process's RSS against the host's physical memory.
+    """
+    if device.type == "cuda":
+        nvml = _nvml_memory(device)
+        if nvml is not None:
+            used, total, name = nvml
+            return {"used": used, "total": total, "source": f"NVML {name}"}
+        free, total = torch.cuda.mem_get_info(device)
+        return {"used": total - free, "total": total, "source": "torch.cuda (no NVML)"}
+    return {
+        "used": psutil.Process().memory_info().rss,
+        "total": psutil.virtual_memory().total,
+        "source": "RSS / host memory (no GPU)",
+    }

@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 EXIT_USAGE = 2
+DEFAULT_CAPTION_PROMPT = "Write a short caption for this image."
 EXIT_INTERRUPTED = 130
 
 
@@ -128,6 +129,21 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
                  "(default: the 33 prompts shipped with edgecm)"),
         ),
         "limit": (("--limit",), dict(type=int, metavar="N", help="use only the first N prompts")),
+        "inputs": (
+            ("inputs",),
+            dict(nargs="+", metavar="INPUT", help="image files, folders (searched recursively) or .txt/.lst files listing paths"),
+        ),
+        "out": (("--out",), dict(required=True, metavar="FILE.jsonl", help="output JSONL; an existing file is resumed")),
+        "prompt": (
+            ("--prompt",),
+            dict(default=DEFAULT_CAPTION_PROMPT, metavar="TEXT", help="instruction for every image (default: %(default)r)"),
+        ),
+        "shard": (
+            ("--shard",),
+            dict(metavar="I/N", help="caption only shard I of N (0 <= I < N), chosen by a hash of each path"),
+        ),
+        "image_required": (("--image",), dict(required=True, metavar="PATH", help="image file")),
+        "png_out": (("--out",), dict(required=True, metavar="FILE.png", help="where to write the picture")),
         "keep_early_kv": (
             ("--keep-early-kv",),
             dict(action="store_true", help="keep dropped tokens' KV entries in layers 0..K (default: core tokens only)"),
@@ -135,11 +151,9 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
     }
 
 
-RUN_FLAGS = ("model", "image", "question", "device", "dtype", "max_new_tokens", "temperature", "top_p", "seed", "resident", "json")
-CALIBRATE_FLAGS = (
-    "model", "image", "prompts", "limit", "target", "max_new_tokens", "device", "dtype", "resident", "dense_above", "json"
-)
-CALIBRATE_NEW_TOKENS = 32
+CALIBRATE_NEW_TOKENS = 32  # answers to score, not to read: shorter keeps calibration quick
+CAPTION_NEW_TOKENS = 64
+SHOW_NEW_TOKENS = 32
 SPARSITY_FLAGS = ("mode", "tokens", "token_rank", "neurons", "rho", "beta", "prune_layer", "dense_above", "dense_layers", "keep_early_kv")
 
 
@@ -189,33 +203,70 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _commands():
+    from edgecm_cli.caption import cmd_caption
+    from edgecm_cli.chat import cmd_chat
+    from edgecm_cli.show import cmd_show
+
+    model = ("model", "device", "dtype", "resident")
+    sampling = ("max_new_tokens", "temperature", "top_p", "seed")
+    return {
+        "run": (
+            "answer one question about an image (or a text-only prompt)",
+            "Answer one question. Text streams to stdout; a stats line goes to stderr.",
+            ("image", "question", *model, *sampling, "json", *SPARSITY_FLAGS),
+            cmd_run,
+            {},
+        ),
+        "chat": (
+            "multi-turn terminal chat with a live memory and speed panel",
+            "Chat in the terminal. Answers stream with a live panel (memory, KV cache, kept image tokens, "
+            "FFN neurons, prefill time, tok/s). Commands: /image PATH, /stats, /reset, /help, /quit. "
+            "Ctrl-C stops an answer, Ctrl-D leaves.",
+            ("image", *model, *sampling, *SPARSITY_FLAGS),
+            cmd_chat,
+            {},
+        ),
+        "caption": (
+            "caption many images into a JSONL file, resumable",
+            "Caption image files, folders (recursively) and text files listing paths. One JSON line per image, "
+            "flushed and fsynced as written; run again with the same --out to resume.",
+            ("inputs", "out", "prompt", "shard", *model, *sampling, *SPARSITY_FLAGS),
+            cmd_caption,
+            {"max_new_tokens": CAPTION_NEW_TOKENS},
+        ),
+        "show": (
+            "draw the kept core tokens, the knee curve and the core-neuron counts",
+            "Run one question and draw a PNG: the image with the kept core tokens highlighted on the patch "
+            "grid, the sorted match-score curve with the knee marked, and the core neurons per layer.",
+            ("image_required", "question", "png_out", *model, *sampling, *SPARSITY_FLAGS),
+            cmd_show,
+            {"max_new_tokens": SHOW_NEW_TOKENS},
+        ),
+        "calibrate": (
+            "find the cheapest neuron budget that stays faithful to the dense model",
+            "Answer a prompt set densely, teacher-force candidate neuron budgets on those answers, and write "
+            "the cheapest one meeting --target to edgecm-calibration.json beside the checkpoint, which the "
+            "other commands then use. Progress on stderr, the result on stdout.",
+            ("image", "prompts", "limit", "target", "max_new_tokens", *model, "dense_above", "json"),
+            cmd_calibrate,
+            {"max_new_tokens": CALIBRATE_NEW_TOKENS},
+        ),
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     flags = _flag_registry()
     parser = _Parser(prog="edgecm", description="CoreMatching inference for LLaVA-family models on small GPUs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
-    run = sub.add_parser(
-        "run",
-        help="answer one question about an image (or a text-only prompt)",
-        description="Answer one question. Text streams to stdout; a stats line goes to stderr.",
-    )
-    for name in RUN_FLAGS + SPARSITY_FLAGS:
-        args, kwargs = flags[name]
-        run.add_argument(*args, **kwargs)
-    run.set_defaults(handler=cmd_run)
-
-    calibrate = sub.add_parser(
-        "calibrate",
-        help="find the cheapest neuron budget that stays faithful to the dense model",
-        description="Answer a prompt set densely, teacher-force candidate neuron budgets on those answers, and "
-        "write the cheapest one meeting --target to edgecm-calibration.json beside the checkpoint, "
-        "which `edgecm run` then uses. Progress on stderr, the result on stdout.",
-    )
-    for name in CALIBRATE_FLAGS:
-        args, kwargs = flags[name]
-        if name == "max_new_tokens":  # answers to score, not to read: shorter keeps calibration quick
-            kwargs = {**kwargs, "default": CALIBRATE_NEW_TOKENS}
-        calibrate.add_argument(*args, **kwargs)
-    calibrate.set_defaults(handler=cmd_calibrate)
+    for name, (summary, description, flag_names, handler, overrides) in _commands().items():
+        command = sub.add_parser(name, help=summary, description=description)
+        for flag in flag_names:
+            args, kwargs = flags[flag]
+            if flag in overrides:  # a command whose own default differs (e.g. shorter captions)
+                kwargs = {**kwargs, "default": overrides[flag]}
+            command.add_argument(*args, **kwargs)
+        command.set_defaults(handler=handler)
     return parser
 
 
@@ -229,7 +280,66 @@ def _open_model(path: str | None):
     return open_checkpoint(path), path
 
 
-def _format_bytes(n: int | None) -> str:
+@dataclass
+class Loaded:
+    """Everything a command needs to answer: the model, its prompt builder, the engine and the settings."""
+
+    checkpoint: Any
+    model_name: str
+    builder: Any
+    engine: Any
+    sparsity: Any
+    calibration: dict | None
+    generation: Any
+
+
+def load_model(args: argparse.Namespace, sparsity) -> Loaded:
+    from edgecm.prompt import PromptBuilder
+    from edgecm.sampling import SamplingSettings
+    from runtime.engine import Engine, GenerationSettings
+
+    checkpoint, model_name = _open_model(args.model)
+    sparsity, calibration = calibrated(sparsity, args, checkpoint.path)
+    generation = GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        sampling=SamplingSettings(temperature=args.temperature, top_p=args.top_p, seed=args.seed),
+    )
+    return Loaded(
+        checkpoint=checkpoint,
+        model_name=model_name,
+        builder=PromptBuilder(checkpoint),
+        engine=Engine(checkpoint, device=args.device, dtype=args.dtype, resident=args.resident),
+        sparsity=sparsity,
+        calibration=calibration,
+        generation=generation,
+    )
+
+
+def check_generation_flags(args: argparse.Namespace) -> None:
+    from edgecm.errors import EdgecmError
+
+    if args.max_new_tokens < 1:
+        raise EdgecmError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    if not 0 < args.top_p <= 1:
+        raise EdgecmError(f"--top-p {args.top_p}: must be in (0, 1]")
+
+
+def stats_line(result, width: int) -> str:
+    """The one-line summary every command prints after an answer."""
+    t, m = result.timings, result.memory
+    device_peak = m["device_peak_allocated_bytes"]
+    peak_kind, peak = ("device peak", device_peak) if device_peak is not None else ("peak RSS", m["rss_peak_bytes"])
+    neuron_share = sum(result.core_neurons) / (width * len(result.core_neurons))
+    return (
+        f"prefill {t['prefill_s'] + t['vision_s']:.2f} s ({result.prompt_tokens} tokens, "
+        f"kept {result.kept_image_tokens}/{result.image_tokens} image) | decode {t['decode_tokens_per_s']:.1f} tok/s "
+        f"({len(result.token_ids)} tokens, {neuron_share:.0%} FFN neurons) | "
+        f"KV {format_bytes(m['kv_cache_bytes'])} ({max(result.kv_cache_tokens)} tokens) | "
+        f"{peak_kind} {format_bytes(peak)}"
+    )
+
+
+def format_bytes(n: int | None) -> str:
     if n is None:
         return "n/a"
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -240,27 +350,15 @@ def _format_bytes(n: int | None) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from edgecm.errors import EdgecmError
-    from edgecm.prompt import PromptBuilder, TextStream
-    from edgecm.sampling import SamplingSettings
+    from edgecm.prompt import TextStream
     from edgecm.vision import load_image
-    from runtime.engine import Engine, GenerationSettings
 
-    if args.max_new_tokens < 1:
-        raise EdgecmError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-    if not 0 < args.top_p <= 1:
-        raise EdgecmError(f"--top-p {args.top_p}: must be in (0, 1]")
+    check_generation_flags(args)
     sparsity = sparsity_from_flags(args)
     image = load_image(args.image) if args.image else None  # before the model: bad input fails fast
-    checkpoint, model_name = _open_model(args.model)
-    builder = PromptBuilder(checkpoint)
+    loaded = load_model(args, sparsity)
+    builder = loaded.builder
     prompt = builder.build(args.question, image)
-    sparsity, calibration = calibrated(sparsity, args, checkpoint.path)
-    engine = Engine(checkpoint, device=args.device, dtype=args.dtype, resident=args.resident)
-    settings = GenerationSettings(
-        max_new_tokens=args.max_new_tokens,
-        sampling=SamplingSettings(temperature=args.temperature, top_p=args.top_p, seed=args.seed),
-    )
     stream = TextStream(builder)
 
     def show(token: int) -> None:
@@ -269,47 +367,41 @@ def cmd_run(args: argparse.Namespace) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-    result = engine.generate(prompt, settings, builder.stop_token_ids, on_token=show, sparsity=sparsity)
+    result = loaded.engine.generate(
+        prompt, loaded.generation, builder.stop_token_ids, on_token=show, sparsity=loaded.sparsity
+    )
     text = builder.decode(result.token_ids)
     if args.json:
-        record = {
-            "text": text,
-            "token_ids": result.token_ids,
-            "prompt_tokens": result.prompt_tokens,
-            "image_tokens": result.image_tokens,
-            "stop_reason": result.stop_reason,
-            "timings": result.timings,
-            "memory": result.memory,
-            "model": model_name,
-            "device": str(engine.device),
-            "dtype": str(engine.dtype).replace("torch.", ""),
-            "settings": asdict(settings),
-            "sparsity": sparsity.to_json(),
-            "calibrated": calibration is not None,
-            "kept_image_tokens": result.kept_image_tokens,
-            "kv_cache_tokens": result.kv_cache_tokens,
-            "kv_cache_bytes": result.memory["kv_cache_bytes"],
-            "core_neurons": result.core_neurons,
-            "ffn_width": checkpoint.config.text.intermediate_size,
-        }
-        print(json.dumps(record))
+        print(json.dumps(result_record(loaded, result, text)))
     else:
         sys.stdout.write("\n")
         sys.stdout.flush()
-    t, m = result.timings, result.memory
-    peak = m["device_peak_allocated_bytes"] if m["device_peak_allocated_bytes"] is not None else m["rss_peak_bytes"]
-    peak_kind = "device peak" if m["device_peak_allocated_bytes"] is not None else "peak RSS"
-    width = checkpoint.config.text.intermediate_size
-    neuron_share = sum(result.core_neurons) / (width * len(result.core_neurons))
-    print(
-        f"edgecm: prefill {t['prefill_s'] + t['vision_s']:.2f} s ({result.prompt_tokens} tokens, "
-        f"kept {result.kept_image_tokens}/{result.image_tokens} image) | decode {t['decode_tokens_per_s']:.1f} tok/s "
-        f"({len(result.token_ids)} tokens, {neuron_share:.0%} FFN neurons) | "
-        f"KV {_format_bytes(m['kv_cache_bytes'])} ({max(result.kv_cache_tokens)} tokens) | "
-        f"{peak_kind} {_format_bytes(peak)}",
-        file=sys.stderr,
-    )
+    print(f"edgecm: {stats_line(result, loaded.checkpoint.config.text.intermediate_size)}", file=sys.stderr)
     return 0
+
+
+def result_record(loaded: Loaded, result, text: str) -> dict:
+    """The machine-readable account of one answer (run --json, and the base of a caption line)."""
+    return {
+        "text": text,
+        "token_ids": result.token_ids,
+        "prompt_tokens": result.prompt_tokens,
+        "image_tokens": result.image_tokens,
+        "stop_reason": result.stop_reason,
+        "timings": result.timings,
+        "memory": result.memory,
+        "model": loaded.model_name,
+        "device": str(loaded.engine.device),
+        "dtype": str(loaded.engine.dtype).replace("torch.", ""),
+        "settings": asdict(loaded.generation),
+        "sparsity": loaded.sparsity.to_json(),
+        "calibrated": loaded.calibration is not None,
+        "kept_image_tokens": result.kept_image_tokens,
+        "kv_cache_tokens": result.kv_cache_tokens,
+        "kv_cache_bytes": result.memory["kv_cache_bytes"],
+        "core_neurons": result.core_neurons,
+        "ffn_width": loaded.checkpoint.config.text.intermediate_size,
+    }
 
 
 def _read_prompt_file(path: str) -> list[str]:

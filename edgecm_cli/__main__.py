@@ -1,0 +1,5 @@
+import sys
+
+from edgecm_cli import main
+
+sys.exit(main())

@@ -1,0 +1,211 @@
+"""``edgecm chat``: a multi-turn terminal chat with a live memory and speed panel.
+
+Each answer streams into a rich Live view: the text so far above a panel with
+memory used / total, KV cache, kept image tokens, FFN neuron share, prefill
+time and tok/s. Ctrl-C stops the current answer (a SIGINT handler sets a
+flag the decode loop checks every token) without leaving; Ctrl-D or /quit
+leaves. Each turn runs prefill over the whole conversation so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+
+from edgecm.errors import EdgecmError
+
+HELP = """commands:
+  /image PATH   attach or replace the image (it goes with your next message)
+  /stats        the full breakdown of the last answer
+  /reset        forget the conversation (the image stays attached)
+  /help         this list
+  /quit         leave (Ctrl-D works too); Ctrl-C stops an answer without leaving"""
+
+
+class Chat:
+    def __init__(self, loaded, console, image=None, image_path: str | None = None):
+        self.loaded = loaded
+        self.console = console
+        self.turns: list[tuple[str, str]] = []
+        self.image = image
+        self.image_path = image_path
+        self.image_turn: int | None = None  # the user turn the image belongs to
+        self.last = None  # GenerationResult of the last answer
+        self._stop = False
+
+    # -- panel ---------------------------------------------------------------------------------
+
+    def panel(self, streaming: dict | None = None):
+        from rich.panel import Panel
+        from rich.table import Table
+
+        from edgecm_cli import format_bytes
+        from runtime.telemetry import memory_readout
+
+        mem = memory_readout(self.loaded.engine.device)
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="bold cyan")
+        grid.add_column()
+        grid.add_row("memory", f"{format_bytes(mem['used'])} / {format_bytes(mem['total'])}  [dim]{mem['source']}[/]")
+        if streaming is not None:
+            grid.add_row("decoding", f"{streaming['tokens']} tokens, {streaming['rate']:.1f} tok/s")
+        last = self.last
+        if last is not None:
+            width = self.loaded.checkpoint.config.text.intermediate_size
+            share = sum(last.core_neurons) / (width * len(last.core_neurons))
+            t = last.timings
+            grid.add_row("KV cache", f"{format_bytes(last.memory['kv_cache_bytes'])} ({max(last.kv_cache_tokens)} tokens)")
+            grid.add_row("image tokens", f"kept {last.kept_image_tokens} of {last.image_tokens}")
+            grid.add_row("FFN neurons", f"{share:.0%} in decode")
+            grid.add_row("last turn", f"prefill {t['prefill_s'] + t['vision_s']:.2f} s, decode {t['decode_tokens_per_s']:.1f} tok/s")
+        image = self.image_path or "none"
+        return Panel(grid, title=f"edgecm · {self.loaded.model_name} · image: {image}", border_style="blue", expand=False)
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def command(self, line: str) -> bool:
+        """Handle a /command; False means leave."""
+        name, _, arg = line.strip().partition(" ")
+        if name in ("/quit", "/exit"):
+            return False
+        if name == "/help":
+            self.console.print(HELP)
+        elif name == "/reset":
+            self.turns, self.image_turn, self.last = [], None, None
+            self.console.print("[dim]conversation cleared[/]")
+        elif name == "/stats":
+            self.print_stats()
+        elif name == "/image":
+            self.attach(arg.strip())
+        else:
+            self.console.print(f"[red]unknown command {name}[/]; /help lists them")
+        return True
+
+    def attach(self, path: str) -> None:
+        from edgecm.vision import load_image
+
+        if not path:
+            self.console.print("[red]/image needs a path[/], e.g. /image photo.jpg")
+            return
+        if not self.loaded.checkpoint.config.is_multimodal:
+            self.console.print("[red]this is a text-only model; it cannot take an image[/]")
+            return
+        try:
+            self.image = load_image(path)
+        except EdgecmError as exc:
+            self.console.print(f"[red]{exc}[/]")
+            return
+        self.image_path, self.image_turn = path, None  # goes with the next message
+        self.console.print(f"[dim]image attached: {path}; your next message re-runs prefill with it[/]")
+
+    def print_stats(self) -> None:
+        from rich.table import Table
+
+        from edgecm_cli import format_bytes
+
+        if self.last is None:
+            self.console.print("[dim]no answer yet[/]")
+            return
+        r = self.last
+        table = Table(title="last answer", show_header=False)
+        for key, value in r.timings.items():
+            table.add_row(key, f"{value:.3f}" if key.endswith("_s") else f"{value:.1f}")
+        for key, value in r.memory.items():
+            table.add_row(key, format_bytes(value) if value is not None else "n/a")
+        table.add_row("prompt tokens", str(r.prompt_tokens))
+        table.add_row("image tokens kept", f"{r.kept_image_tokens} / {r.image_tokens}")
+        table.add_row("KV tokens per layer", f"min {min(r.kv_cache_tokens)}, max {max(r.kv_cache_tokens)}")
+        table.add_row("core neurons per layer", " ".join(str(n) for n in r.core_neurons))
+        table.add_row("settings", str(self.loaded.sparsity.to_json()))
+        self.console.print(table)
+
+    # -- answering -----------------------------------------------------------------------------
+
+    def answer(self, text: str) -> None:
+        from rich.console import Group
+        from rich.live import Live
+        from rich.text import Text
+
+        from edgecm.prompt import TextStream
+
+        loaded = self.loaded
+        turns = self.turns + [("user", text)]
+        image_turn = self.image_turn
+        if self.image is not None and image_turn is None:
+            image_turn = len(turns) - 1
+        prompt = loaded.builder.build_conversation(turns, self.image, image_turn)
+        stream = TextStream(loaded.builder)
+        shown = Text()
+        counter = {"tokens": 0, "first": None}
+        self._stop = False
+
+        def on_sigint(signum, frame):
+            self._stop = True
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            with Live(Group(shown, self.panel()), console=self.console, refresh_per_second=8) as live:
+
+                def on_token(token: int) -> None:
+                    now = time.perf_counter()
+                    counter["first"] = counter["first"] or now
+                    counter["tokens"] += 1
+                    shown.append(stream.push(token))
+                    elapsed = now - counter["first"]
+                    rate = (counter["tokens"] - 1) / elapsed if elapsed > 0 else 0.0
+                    live.update(Group(shown, self.panel({"tokens": counter["tokens"], "rate": rate})))
+
+                result = loaded.engine.generate(
+                    prompt,
+                    loaded.generation,
+                    loaded.builder.stop_token_ids,
+                    on_token=on_token,
+                    should_stop=lambda: self._stop,
+                    sparsity=loaded.sparsity,
+                )
+                self.last = result
+                live.update(Group(shown, self.panel()))
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if result.stop_reason == "interrupted":
+            self.console.print("[yellow](answer stopped)[/]")
+        self.turns = turns + [("assistant", loaded.builder.decode(result.token_ids))]
+        self.image_turn = image_turn
+
+    def loop(self) -> int:
+        self.console.print(f"edgecm chat · {self.loaded.model_name} · /help for commands, Ctrl-D to leave")
+        while True:
+            try:
+                line = self.console.input("[bold green]you>[/] ")
+            except EOFError:
+                self.console.print()
+                return 0
+            except KeyboardInterrupt:
+                self.console.print("\n[dim](Ctrl-D or /quit to leave)[/]")
+                continue
+            if not line.strip():
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    return 0
+                continue
+            try:
+                self.answer(line)
+            except EdgecmError as exc:  # e.g. the conversation outgrew the context
+                self.console.print(f"[red]{exc}[/]; /reset starts over")
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from edgecm.vision import load_image
+    from edgecm_cli import check_generation_flags, load_model, sparsity_from_flags
+
+    check_generation_flags(args)
+    sparsity = sparsity_from_flags(args)
+    image = load_image(args.image) if args.image else None
+    loaded = load_model(args, sparsity)
+    if image is not None and not loaded.checkpoint.config.is_multimodal:
+        raise EdgecmError("this is a text-only model; drop --image or pass --model a LLaVA checkpoint")
+    return Chat(loaded, Console(highlight=False), image, args.image).loop()

@@ -1,0 +1,158 @@
+"""``edgecm show``: one picture of what CoreMatching chose for an image and a question.
+
+Left: the image as the model sees it (the processor's crop), every patch
+dimmed except the kept core tokens, which stay bright inside a magenta frame.
+Right: the image tokens' match scores |G(i) & Core(K)| sorted in descending
+order with the knee marked (the paper's Figure 3), and the FFN neurons each
+layer decodes with. The patch panel is drawn with PIL so its pixels are
+exact; the charts come from matplotlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+
+import torch
+
+from edgecm.corematching import knee_index
+from edgecm.errors import EdgecmError
+
+KEPT_FRAME = (255, 0, 255)
+PATCH_SCALE = 2  # the 336 px model view is drawn at 672 px
+DIM = 0.25  # brightness of dropped patches
+MIN_CHART_HEIGHT = 560
+
+
+def model_view(pixel_values: torch.Tensor, processor) -> "Image.Image":
+    """Undo the processor's normalisation: (1, 3, H, W) -> the RGB picture the vision tower saw."""
+    from PIL import Image
+
+    mean = torch.tensor(processor.image_processor.image_mean).view(3, 1, 1)
+    std = torch.tensor(processor.image_processor.image_std).view(3, 1, 1)
+    pixels = (pixel_values[0].float() * std + mean).clamp(0, 1)
+    return Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+
+
+def draw_patches(view, grid: int, kept: set[int]):
+    """The model view, scaled, with dropped patches dimmed and kept ones framed. Returns (image, frames drawn)."""
+    from PIL import Image, ImageDraw
+
+    size = view.width * PATCH_SCALE
+    bright = view.resize((size, size), Image.NEAREST)
+    dim = Image.eval(bright, lambda v: int(v * DIM))
+    cell = size / grid
+    canvas = dim.copy()
+    draw = ImageDraw.Draw(canvas)
+    frames = 0
+    for index in sorted(kept):
+        row, col = divmod(index, grid)
+        box = (round(col * cell), round(row * cell), round((col + 1) * cell), round((row + 1) * cell))
+        canvas.paste(bright.crop(box), box[:2])
+        draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), outline=KEPT_FRAME, width=2)
+        frames += 1
+    return canvas, frames
+
+
+def charts(scores: torch.Tensor, kept: int, core_neurons: list[int], width: int, height_px: int, settings) -> "Image.Image":
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    dpi = 100
+    height = max(height_px, MIN_CHART_HEIGHT)  # small towers give small panels; the charts stay readable
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, height / dpi), dpi=dpi)
+    ordered = torch.sort(scores, descending=True).values.tolist()
+    top.plot(range(len(ordered)), ordered, color="#1f4e79", linewidth=1.6)
+    if ordered:
+        j = knee_index(torch.tensor(ordered))
+        top.plot([0, len(ordered) - 1], [ordered[0], ordered[-1]], color="grey", linestyle=":", linewidth=1)
+        top.axvline(j, color="#c0392b", linestyle="--", linewidth=1.2)
+        top.scatter([j], [ordered[j]], color="#c0392b", zorder=3)
+        right_half = j > len(ordered) / 2  # keep the label inside the axes
+        top.annotate(
+            f"knee j*={j}, tau={ordered[j]}",
+            (j, ordered[j]),
+            textcoords="offset points",
+            xytext=(-8 if right_half else 8, 8),
+            ha="right" if right_half else "left",
+            color="#c0392b",
+        )
+    top.axvspan(-0.5, kept - 0.5, color="#f5b7f5", alpha=0.4, label=f"kept: {kept} of {len(ordered)}")
+    top.set_title("image tokens by match score |G(i) ∩ Core(K)|", fontsize=10)
+    top.set_xlabel("image tokens, sorted")
+    top.set_ylabel("core neurons activated")
+    top.legend(loc="upper right", fontsize=8)
+    layers = list(range(len(core_neurons)))
+    colors = ["#7f8c8d" if n == width else "#27ae60" for n in core_neurons]
+    bottom.bar(layers, [n / width for n in core_neurons], color=colors)
+    bottom.set_ylim(0, 1.05)
+    bottom.set_title(f"FFN neurons used in decode per layer ({settings.neurons}; grey = dense)", fontsize=10)
+    bottom.set_xlabel("layer")
+    bottom.set_ylabel("fraction of F")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def render(path: Path, view, grid: int, result, settings, question: str, answer: str, width: int) -> int:
+    """Write the picture; returns how many patches were drawn as kept."""
+    from PIL import Image, ImageDraw
+
+    kept = set(result.selection.keep.tolist())
+    patches, frames = draw_patches(view, grid, kept)
+    chart = charts(result.selection.core_scores, len(kept), result.core_neurons, width, patches.height, settings)
+    header = 58
+    canvas = Image.new("RGB", (patches.width + chart.width, max(patches.height, chart.height) + header), "white")
+    canvas.paste(patches, (0, header))
+    canvas.paste(chart, (patches.width, header))
+    draw = ImageDraw.Draw(canvas)
+    short = answer if len(answer) <= 140 else answer[:137] + "..."
+    draw.text((10, 6), f"Q: {question}", fill="black")
+    draw.text((10, 22), f"A: {short}", fill="black")
+    draw.text(
+        (10, 38),
+        f"kept {len(kept)} of {result.image_tokens} image tokens at layer K={settings.prune_layer} "
+        f"({settings.tokens}, rank {settings.token_rank}); KV {max(result.kv_cache_tokens)} tokens",
+        fill="#555555",
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        canvas.save(path)
+    except (OSError, ValueError) as exc:
+        raise EdgecmError(f"{path}: cannot write the picture ({exc}); pass --out a writable .png path") from None
+    return frames
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from edgecm.vision import load_image
+    from edgecm_cli import check_generation_flags, load_model, sparsity_from_flags
+
+    check_generation_flags(args)
+    sparsity = sparsity_from_flags(args)
+    if not sparsity.prunes_tokens:
+        raise EdgecmError("show draws token pruning; use --mode corematching with --tokens knee, count:N or ratio:R")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise EdgecmError(f"--out {out}: the picture is a PNG; give a path ending in .png")
+    image = load_image(args.image)
+    loaded = load_model(args, sparsity)
+    if not loaded.checkpoint.config.is_multimodal:
+        raise EdgecmError("show needs a LLaVA checkpoint: a text-only model has no image tokens")
+    prompt = loaded.builder.build(args.question, image)
+    result = loaded.engine.generate(prompt, loaded.generation, loaded.builder.stop_token_ids, sparsity=loaded.sparsity)
+    vision = loaded.checkpoint.config.vision
+    grid = vision.image_size // vision.patch_size
+    if result.image_tokens != grid * grid:
+        raise EdgecmError(f"the image has {result.image_tokens} tokens, not a {grid}x{grid} patch grid; show needs one token per patch")
+    answer = loaded.builder.decode(result.token_ids).strip()
+    width = loaded.checkpoint.config.text.intermediate_size
+    frames = render(out, model_view(prompt.pixel_values, loaded.builder.processor), grid, result, loaded.sparsity, args.question, answer, width)
+    print(f"wrote {out}: kept {frames} of {result.image_tokens} image tokens; answer: {answer}")
+    return 0

@@ -1,0 +1,77 @@
+"""edgecm chat, driven as a person would: the real program in a pseudo-terminal (pexpect)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pexpect
+import pytest
+
+TINY = dict(gqa=True, tied=False, layout="v5", sharded=False, chat_template=True)
+PROMPT = "you>"
+
+
+def spawn(args, env_extra=None, timeout=90):
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40", **(env_extra or {})}
+    # The terminal's own ^C echo can land inside a multi-byte character: decode with replacement.
+    child = pexpect.spawn(
+        sys.executable, ["-m", "edgecm_cli", "chat", *args], env=env, encoding="utf-8", codec_errors="replace", timeout=timeout
+    )
+    child.expect(PROMPT)
+    return child
+
+
+def test_chat_commands_and_turns(build_llava, image_path):
+    model_dir, _ = build_llava(**TINY)
+    child = spawn(["--model", str(model_dir), "--image", str(image_path), "--max-new-tokens", "6"])
+    child.sendline("What is shown?")
+    child.expect("KV cache")  # the live panel
+    child.expect("kept \\d+ of 16")
+    child.expect(PROMPT)
+    child.sendline("And the colours?")  # a second turn over the same conversation
+    child.expect("last turn")
+    child.expect(PROMPT)
+    child.sendline("/stats")
+    child.expect("decode_tokens_per_s")
+    child.expect("core neurons per layer")
+    child.expect(PROMPT)
+    child.sendline("/image /no/such/file.png")
+    child.expect("no such image file")
+    child.expect(PROMPT)
+    child.sendline(f"/image {image_path}")
+    child.expect("image attached")
+    child.expect(PROMPT)
+    child.sendline("/reset")
+    child.expect("conversation cleared")
+    child.expect(PROMPT)
+    child.sendline("/help")
+    child.expect("/quit")
+    child.expect(PROMPT)
+    child.sendline("/bogus")
+    child.expect("unknown command")
+    child.expect(PROMPT)
+    child.sendintr()  # Ctrl-C at the prompt does not leave
+    child.expect("Ctrl-D or /quit to leave")
+    child.expect(PROMPT)
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_an_answer_and_ctrl_d_leaves(demo_home):
+    """On the demo (real language weights, streamed layers): a long answer is stopped mid-way."""
+    child = spawn(["--max-new-tokens", "400"], {"EDGECM_HOME": str(demo_home)}, timeout=180)
+    child.sendline("Write a long story about a dragon who learns to bake bread.")
+    child.expect(r"decoding.{0,40}?\d+ tokens")  # tokens are streaming (colour codes sit between label and count)
+    child.sendintr()
+    child.expect("answer stopped")
+    child.expect(PROMPT)
+    child.sendline("/stats")
+    child.expect("decode_s")
+    child.expect(PROMPT)
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
