@@ -31,7 +31,7 @@ def load_image(path: str | Path):
 
     path = Path(path)
     if not path.is_file():
-        raise EdgecmError(f"{path}: no such image file; pass --image an existing PNG/JPEG/WebP file")
+        raise EdgecmError(f"{path}: no such image file; check the path")
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
@@ -45,7 +45,7 @@ def load_image(path: str | Path):
             f"downscale it first"
         ) from None
     except UnidentifiedImageError:
-        raise EdgecmError(f"{path}: not an image file; pass --image a PNG/JPEG/WebP file") from None
+        raise EdgecmError(f"{path}: not an image file; use a PNG, JPEG or WebP image") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise EdgecmError(f"{path}: image is corrupt or truncated ({exc}); re-export or re-download it") from None
 
