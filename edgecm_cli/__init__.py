@@ -1,7 +1,8 @@
 """The ``edgecm`` command line.
 
-All subcommands draw their flags from one registry (``FLAGS``), so a flag is
-spelled, documented and defaulted once. Generated text goes to stdout, stats
+All subcommands draw their flags from one registry (``_flag_registry``), so a
+flag is spelled, documented and defaulted once; ``_commands`` says which
+command takes which flags. Each command lives in its own module. Generated text goes to stdout, stats
 and notices to stderr. A problem with the user's input is one line on stderr
 and exit status 2, never a traceback.
 """
@@ -15,8 +16,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 EXIT_USAGE = 2
-DEFAULT_CAPTION_PROMPT = "Write a short caption for this image."
 EXIT_INTERRUPTED = 130
+DEFAULT_CAPTION_PROMPT = "Write a short caption for this image."
 
 
 def _defaults():
@@ -204,6 +205,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _commands():
+    from edgecm_cli.calibrate import cmd_calibrate
     from edgecm_cli.caption import cmd_caption
     from edgecm_cli.chat import cmd_chat
     from edgecm_cli.show import cmd_show
@@ -270,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _open_model(path: str | None):
+def open_model(path: str | None):
     from edgecm.checkpoint import open_checkpoint
     from edgecm.demo import DEMO_NOTICE, demo_checkpoint_dir
 
@@ -298,7 +300,7 @@ def load_model(args: argparse.Namespace, sparsity) -> Loaded:
     from edgecm.sampling import SamplingSettings
     from runtime.engine import Engine, GenerationSettings
 
-    checkpoint, model_name = _open_model(args.model)
+    checkpoint, model_name = open_model(args.model)
     sparsity, calibration = calibrated(sparsity, args, checkpoint.path)
     generation = GenerationSettings(
         max_new_tokens=args.max_new_tokens,
@@ -402,78 +404,6 @@ def result_record(loaded: Loaded, result, text: str) -> dict:
         "core_neurons": result.core_neurons,
         "ffn_width": loaded.checkpoint.config.text.intermediate_size,
     }
-
-
-def _read_prompt_file(path: str) -> list[str]:
-    from pathlib import Path
-
-    from edgecm.errors import EdgecmError
-
-    file = Path(path)
-    if not file.is_file():
-        raise EdgecmError(f"{file}: no such prompt file; pass --prompts a JSONL or text file")
-    prompts = []
-    for number, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            try:
-                prompts.append(str(json.loads(line)["prompt"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise EdgecmError(f"{file}:{number}: not a JSON object with a 'prompt' field; fix that line") from None
-        else:
-            prompts.append(line)
-    if not prompts:
-        raise EdgecmError(f"{file}: no prompts in it; one prompt per line, or JSONL with a 'prompt' field")
-    return prompts
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from edgecm.calibration import DEFAULT_TARGET, search, write_calibration
-    from edgecm.errors import EdgecmError
-    from edgecm.fidelity import dense_references, load_prompts
-    from edgecm.prompt import PromptBuilder
-    from edgecm.sparsity import SparsitySettings
-    from edgecm.vision import load_image
-    from runtime.engine import Engine
-
-    target = DEFAULT_TARGET if args.target is None else args.target
-    if not 0 < target <= 1:
-        raise EdgecmError(f"--target {target}: must be in (0, 1]")
-    if args.limit is not None and args.limit < 1:
-        raise EdgecmError(f"--limit {args.limit}: must be at least 1")
-    texts = _read_prompt_file(args.prompts) if args.prompts else load_prompts()
-    texts = texts[: args.limit] if args.limit else texts
-    image = load_image(args.image) if args.image else None
-    base = SparsitySettings() if args.dense_above is None else SparsitySettings(dense_above=args.dense_above)
-    checkpoint, model_name = _open_model(args.model)
-    builder = PromptBuilder(checkpoint)
-    prompts = [builder.build(text, image) for text in texts]
-    engine = Engine(checkpoint, device=args.device, dtype=args.dtype, resident=args.resident)
-    print(f"edgecm: dense answers to {len(prompts)} prompts (up to {args.max_new_tokens} tokens each)", file=sys.stderr)
-    refs = dense_references(engine, prompts, builder.stop_token_ids, args.max_new_tokens)
-
-    def report(result) -> None:
-        mark = "meets" if result.top1_agreement >= target else "below"
-        print(
-            f"edgecm: {result.setting:<10} agreement {result.top1_agreement:.3f} ({mark} {target}) | "
-            f"KL {result.mean_kl:.3f} | neurons {result.neuron_fraction:.0%}",
-            file=sys.stderr,
-        )
-
-    settings, result, measured = search(engine, refs, target, base, on_result=report)
-    meta = {"model": model_name, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "image": args.image}
-    path = write_calibration(checkpoint.path, settings, result, target, measured, meta)
-    if args.json:
-        print(path.read_text())
-    elif result is None:
-        print(f"no budget reached agreement {target}; decode stays dense. Wrote {path}")
-    else:
-        print(
-            f"neurons {settings.neurons} (dense above {settings.dense_above:g}): agreement {result.top1_agreement:.3f}, "
-            f"KL {result.mean_kl:.3f}, {result.neuron_fraction:.0%} of FFN neurons. Wrote {path}"
-        )
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
