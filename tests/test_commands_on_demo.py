@@ -1,0 +1,39 @@
+"""run, caption and show end to end on the embedded demo model (real language weights, 576 image tokens)."""
+
+from __future__ import annotations
+
+import json
+
+import edgecm_cli
+from test_show import framed_patches
+
+from edgecm_cli.show import PATCH_SCALE
+
+
+def test_caption_and_show_on_the_demo(demo_home, image_path, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(image_path.read_bytes())
+    (folder / "b.png").write_text("not a picture")
+    out = tmp_path / "captions.jsonl"
+    assert edgecm_cli.main(["caption", str(folder), "--out", str(out), "--max-new-tokens", "4"]) == 0
+    records = {r["path"].rsplit("/", 1)[1]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert records["a.png"]["image_tokens"] == 576 and "caption" in records["a.png"]
+    assert "error" in records["b.png"]
+    assert "untrained vision tower" in capsys.readouterr().err  # the demo says what it is
+
+    png = tmp_path / "show.png"
+    assert edgecm_cli.main(["show", "--image", str(image_path), "-q", "What is shown?", "--out", str(png),
+                            "--tokens", "ratio:0.1", "--max-new-tokens", "4"]) == 0
+    kept = framed_patches(png, 24, 14 * PATCH_SCALE)
+    assert len(kept) == 58  # ceil(0.1 * 576)
+    assert "kept 58 of 576" in capsys.readouterr().out
+
+
+def test_run_json_on_the_demo(demo_home, image_path, capsys):
+    assert edgecm_cli.main(["run", "--image", str(image_path), "-q", "What is shown?", "--max-new-tokens", "4",
+                            "--json", "--tokens", "count:64"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["image_tokens"] == 576 and record["kept_image_tokens"] == 64
+    text_tokens = record["prompt_tokens"] - 576
+    assert set(record["kv_cache_tokens"]) == {text_tokens + 64 + len(record["token_ids"]) - 1}
