@@ -145,6 +145,23 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
         ),
         "image_required": (("--image",), dict(required=True, metavar="PATH", help="image file")),
         "png_out": (("--out",), dict(required=True, metavar="FILE.png", help="where to write the picture")),
+        "budget": (("--budget",), dict(required=True, metavar="SIZE", help="device memory budget, e.g. 12GiB")),
+        "profile": (
+            ("--profile",),
+            dict(default="titan-xp", metavar="NAME", help="device profile: a name in profiles/ or a JSON file (default: %(default)s)"),
+        ),
+        "shape": (("--shape",), dict(metavar="NAME", help="plan a published shape without weights: llava-1.5-7b, llava-1.5-13b")),
+        "weights": (
+            ("--weights",),
+            dict(choices=("float32", "float16", "bfloat16", "nf4"), help="weight format (default: the profile's dtype)"),
+        ),
+        "prompt_tokens": (("--prompt-tokens",), dict(type=int, default=620, metavar="N", help="prompt length incl. image tokens (default: %(default)s)")),
+        "new_tokens": (("--new-tokens",), dict(type=int, default=128, metavar="N", help="tokens to generate (default: %(default)s)")),
+        "kept_tokens": (("--kept-tokens",), dict(type=int, default=64, metavar="N", help="image tokens kept after layer K (default: %(default)s)")),
+        "neuron_fraction": (
+            ("--neuron-fraction",),
+            dict(type=float, default=0.4, metavar="F", help="share of FFN neurons in the decode set (default: %(default)s)"),
+        ),
         "keep_early_kv": (
             ("--keep-early-kv",),
             dict(action="store_true", help="keep dropped tokens' KV entries in layers 0..K (default: core tokens only)"),
@@ -206,6 +223,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _commands():
     from edgecm_cli.calibrate import cmd_calibrate
+    from edgecm_cli.plan import cmd_plan
     from edgecm_cli.caption import cmd_caption
     from edgecm_cli.chat import cmd_chat
     from edgecm_cli.show import cmd_show
@@ -253,6 +271,16 @@ def _commands():
             ("image", "prompts", "limit", "target", "max_new_tokens", *model, "dense_above", "json"),
             cmd_calibrate,
             {"max_new_tokens": CALIBRATE_NEW_TOKENS},
+        ),
+        "plan": (
+            "show what a model needs under a memory budget, phase by phase",
+            "Compute bytes per layer, per KV token and for the vision tower, and what is resident in the vision, "
+            "prefill and decode phases under --budget on a device profile. Works from a checkpoint, a config.json "
+            "alone, or a published --shape. A budget nothing fits in is refused with the smallest that would work.",
+            ("model", "shape", "budget", "profile", "weights", "prompt_tokens", "new_tokens", "kept_tokens",
+             "neuron_fraction", "json"),
+            cmd_plan,
+            {},
         ),
     }
 

@@ -1,0 +1,86 @@
+"""``edgecm plan``: what a model needs under a memory budget on a device, phase by phase."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from edgecm.errors import EdgecmError
+
+SHAPES_DIR = Path(__file__).resolve().parent.parent / "edgecm" / "data" / "shapes"
+
+
+def shapes() -> list[str]:
+    return sorted(p.name for p in SHAPES_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def _config(args: argparse.Namespace):
+    from edgecm.checkpoint import open_checkpoint
+    from edgecm.config import load_model_config
+    from edgecm_cli import open_model
+
+    if args.shape:
+        if args.shape not in shapes():
+            raise EdgecmError(f"--shape {args.shape}: unknown; use one of {', '.join(shapes())}, or --model DIR")
+        return load_model_config(SHAPES_DIR / args.shape), args.shape
+    if args.model and Path(args.model).is_dir() and not any(Path(args.model).glob("*.safetensors")):
+        return load_model_config(Path(args.model)), args.model  # a config.json alone is enough to plan
+    if args.model:
+        return open_checkpoint(args.model).config, args.model
+    checkpoint, name = open_model(None)
+    return checkpoint.config, name
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgecm_cli import format_bytes
+    from runtime.planner import Workload, load_profile, make_plan, model_sizes, parse_bytes
+
+    budget = parse_bytes(args.budget)
+    profile = load_profile(args.profile)
+    if not 0 < args.neuron_fraction <= 1:
+        raise EdgecmError(f"--neuron-fraction {args.neuron_fraction}: must be in (0, 1]")
+    config, name = _config(args)
+    weight_dtype = args.weights or profile.default_dtype
+    if weight_dtype == "bfloat16" and not profile.supports_bf16:
+        raise EdgecmError(f"--weights bfloat16: {profile.name} has no bfloat16; use float16 or nf4")
+    compute = "float32" if weight_dtype == "float32" else ("float16" if weight_dtype == "nf4" else weight_dtype)
+    workload = Workload(
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        kept_image_tokens=args.kept_tokens,
+        neuron_fraction=args.neuron_fraction,
+        compute_bytes=4 if compute == "float32" else 2,
+    )
+    sizes = model_sizes(config, weight_dtype, compute)
+    plan = make_plan(sizes, profile, budget, workload)
+    if args.json:
+        print(json.dumps({"model": name, "profile": profile.name, "weights": weight_dtype, "budget": budget,
+                          "usable": plan.usable, "min_budget": plan.min_budget, "decode_resident": plan.decode_resident,
+                          "phases": plan.phases, "peak": plan.peak_bytes, "layer_bytes": sizes.layer,
+                          "kv_bytes_per_token": sizes.kv_per_token}))
+        return 0
+    console = Console()
+    table = Table(title=f"{name} on {profile.name}, budget {format_bytes(budget)} ({weight_dtype} weights)")
+    table.add_column("phase")
+    table.add_column("resident")
+    table.add_column("bytes", justify="right")
+    for phase, items in plan.phases.items():
+        for i, (item, size) in enumerate(items.items()):
+            table.add_row(phase if i == 0 else "", item, format_bytes(size))
+        table.add_row("", f"[bold]{phase} peak[/]", f"[bold]{format_bytes(plan.peak(phase))}[/]", end_section=True)
+    console.print(table)
+    layers = sizes.num_layers
+    console.print(
+        f"streams {layers} layers of {format_bytes(sizes.layer)} in prefill; KV {format_bytes(sizes.kv_per_token)} per token; "
+        f"usable {format_bytes(plan.usable)} after {format_bytes(profile.reserved_bytes)} reserved; "
+        f"smallest workable budget {format_bytes(plan.min_budget)}"
+    )
+    if plan.decode_resident:
+        console.print("decode set resident: decode moves no weights across PCIe")
+    else:
+        console.print("[yellow]decode set does not fit: compact FFN slices stream every token[/]")
+    return 0

@@ -1,0 +1,215 @@
+"""Memory planning as pure functions: bytes per part of a model -> what is resident when.
+
+Three phases, each with its own peak:
+- vision: the CLIP tower (only the layers LLaVA reads) and projector, run once and freed;
+- prefill: decoder layers stream through two buffers (one computing, one arriving),
+  with the full prompt's activations and KV cache;
+- decode: the decode set (attention weights + core-neuron FFN slices of every layer)
+  stays resident if it fits; otherwise the compact slices stream through two buffers.
+The embedding, final norm and LM head stay resident throughout. A budget below the
+smallest streaming peak is refused, with that smallest budget in the message.
+
+Estimates, not measurements: activations are modelled from the shapes, and the
+allocator's and CUDA context's overhead comes from the device profile.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgecm.config import ModelConfig
+from edgecm.errors import EdgecmError
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "nf4": 0.5 + 1 / 32}  # nf4: 4 bits + a scale per 64
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    kind: str  # "cuda" or "cpu"
+    memory_bytes: int
+    memory_bandwidth_gbs: float
+    reserved_bytes: int  # CUDA context, allocator slack: never available to tensors
+    h2d_pinned_gbs: float | None = None
+    h2d_pageable_gbs: float | None = None
+    disk_read_gbs: float | None = None
+    matmul_tflops: dict = field(default_factory=dict)
+    supports_bf16: bool = False
+    supports_int8: bool = False
+    default_dtype: str = "float16"
+    source: str = ""
+
+    @staticmethod
+    def from_dict(data: dict) -> "DeviceProfile":
+        known = {f for f in DeviceProfile.__dataclass_fields__}
+        return DeviceProfile(**{k: v for k, v in data.items() if k in known})
+
+
+def list_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
+
+
+def load_profile(name_or_path: str) -> DeviceProfile:
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = PROFILES_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise EdgecmError(f"--profile {name_or_path}: no such profile; use a file or one of {', '.join(list_profiles())}")
+    try:
+        return DeviceProfile.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
+        raise EdgecmError(f"{path}: unreadable profile ({exc}); fix it or measure again with `edgecm profile`") from None
+
+
+def parse_bytes(text: str) -> int:
+    """'12GiB', '12 GB', '11.5G', '800MiB', '123456' -> bytes (G and GiB are binary, GB decimal)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise EdgecmError(f"--budget {text}: use a size such as 12GiB, 11.5G or 800MiB")
+    value, prefix, suffix = float(match.group(1)), match.group(2).upper(), match.group(3)
+    power = " KMGT".index(prefix) if prefix else 0
+    base = 1000 if suffix.upper() == "B" and prefix else 1024
+    return int(value * base**power)
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Bytes of every part of a model at one weight dtype."""
+
+    num_layers: int
+    attention: int  # per layer: q, k, v, o (+ biases)
+    ffn: int  # per layer: gate, up, down (+ biases)
+    norms: int  # per layer
+    embed: int
+    head: int  # 0 when tied to the embedding
+    final_norm: int
+    vision: int  # tower layers LLaVA reads + projector
+    kv_per_token: int  # keys + values, all layers, in the compute dtype
+    hidden: int
+    ffn_width: int
+    vocab: int
+    image_tokens: int
+
+    @property
+    def layer(self) -> int:
+        return self.attention + self.ffn + self.norms
+
+    @property
+    def resident_always(self) -> int:
+        return self.embed + self.head + self.final_norm
+
+
+def _clip_params(clip: dict, layers: int) -> int:
+    h, i, p = int(clip["hidden_size"]), int(clip["intermediate_size"]), int(clip["patch_size"])
+    positions = (int(clip["image_size"]) // p) ** 2 + 1
+    embeddings = 3 * p * p * h + h + positions * h
+    per_layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 4 * h
+    return embeddings + 2 * h + layers * per_layer + 2 * h
+
+
+def model_sizes(config: ModelConfig, weight_dtype: str, compute_dtype: str | None = None) -> ModelSizes:
+    t = config.text
+    wb = DTYPE_BYTES[weight_dtype]
+    cb = DTYPE_BYTES[compute_dtype or ("float16" if weight_dtype == "nf4" else weight_dtype)]
+    q_out, kv_out = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    attention = t.hidden_size * (q_out + 2 * kv_out) + q_out * t.hidden_size
+    attention_bias = (q_out + 2 * kv_out) if t.attention_bias else 0
+    ffn = 3 * t.hidden_size * t.intermediate_size
+    ffn_bias = 2 * t.intermediate_size + t.hidden_size if t.mlp_bias else 0
+    vision = image_tokens = 0
+    if config.vision is not None:
+        v = config.vision
+        total = int(v.clip["num_hidden_layers"])
+        requested = v.feature_layer if isinstance(v.feature_layer, tuple) else (v.feature_layer,)
+        used = max(i if i >= 0 else total + 1 + i for i in requested)
+        d_in = int(v.clip["hidden_size"]) * len(requested)
+        projector = d_in * t.hidden_size + t.hidden_size * t.hidden_size + 2 * t.hidden_size
+        vision = int((_clip_params(v.clip, used) + projector) * cb)
+        image_tokens = v.tokens_per_image
+    return ModelSizes(
+        num_layers=t.num_layers,
+        attention=int(attention * wb + attention_bias * cb),
+        ffn=int(ffn * wb + ffn_bias * cb),
+        norms=2 * t.hidden_size * cb,
+        embed=t.vocab_size * t.hidden_size * cb,
+        head=0 if t.tie_word_embeddings else int(t.vocab_size * t.hidden_size * wb),
+        final_norm=t.hidden_size * cb,
+        vision=vision,
+        kv_per_token=2 * t.num_layers * kv_out * cb,
+        hidden=t.hidden_size,
+        ffn_width=t.intermediate_size,
+        vocab=t.vocab_size,
+        image_tokens=image_tokens,
+    )
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompt_tokens: int = 620  # LLaVA-1.5: 576 image tokens + a question
+    new_tokens: int = 128
+    kept_image_tokens: int = 64  # the paper's average after core-token selection
+    neuron_fraction: float = 0.4  # the paper's beta; calibrate measures a model's own
+    prune_layer: int = 2
+    compute_bytes: int = 2
+
+
+@dataclass(frozen=True)
+class Plan:
+    budget: int
+    usable: int  # budget minus the profile's reserved bytes
+    phases: dict  # phase -> {item: bytes}
+    decode_resident: bool  # the decode set stays on the device (no weight traffic in decode)
+    min_budget: int  # the smallest budget that runs, with everything streamed
+
+    def peak(self, phase: str) -> int:
+        return sum(self.phases[phase].values())
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.peak(p) for p in self.phases)
+
+
+def _activations(tokens: int, s: ModelSizes, w: Workload) -> int:
+    # hidden + residual + norm output (3 x d), q/k/v/out (4 x d), gate/up/h (3 x F) per token, plus
+    # last-token logits in float32; SDPA's fused kernels keep attention scores out of memory.
+    return tokens * (7 * s.hidden + 3 * s.ffn_width) * w.compute_bytes + 4 * s.vocab
+
+
+def make_plan(s: ModelSizes, profile: DeviceProfile, budget: int, w: Workload = Workload()) -> Plan:
+    """What is resident in each phase under ``budget`` bytes; refuses a budget nothing fits in."""
+    text_tokens = w.prompt_tokens - s.image_tokens
+    kept = text_tokens + min(w.kept_image_tokens, s.image_tokens) if s.image_tokens else w.prompt_tokens
+    early = min(w.prune_layer + 1, s.num_layers)  # layers 0..K hold every prompt token during prefill
+    prefill_kv = s.kv_per_token // s.num_layers * (early * w.prompt_tokens + (s.num_layers - early) * kept)
+    decode_kv = s.kv_per_token * (kept + w.new_tokens)
+    compact_layer = s.attention + s.norms + int(w.neuron_fraction * s.ffn)
+    decode_set = s.num_layers * compact_layer
+    always = {"embedding + final norm + LM head": s.resident_always}
+    phases = {}
+    if s.vision:
+        phases["vision"] = {**always, "vision tower + projector": s.vision,
+                            "vision activations": _activations(s.image_tokens + 1, s, w) // 2}
+    phases["prefill"] = {**always, "2 streamed layer buffers": 2 * s.layer, "KV cache (prompt)": prefill_kv,
+                         "activations": _activations(w.prompt_tokens, s, w)}
+    streamed_decode = {**always, "2 streamed compact-layer buffers": 2 * compact_layer, "KV cache": decode_kv,
+                       "activations": _activations(1, s, w)}
+    min_budget = profile.reserved_bytes + max(
+        sum(phases["prefill"].values()), sum(streamed_decode.values()), sum(phases.get("vision", {}).values())
+    )
+    usable = budget - profile.reserved_bytes
+    if budget < min_budget:
+        raise EdgecmError(
+            f"budget {budget / GiB:.2f} GiB is too small for this model even with every layer streamed: "
+            f"it needs at least {math.ceil(min_budget / GiB * 100) / 100:.2f} GiB on {profile.name}; raise --budget"
+        )
+    resident_decode = {**always, "decode set (attention + core FFN slices)": decode_set, "KV cache": decode_kv,
+                       "activations": _activations(1, s, w)}
+    fits = sum(resident_decode.values()) <= usable
+    phases["decode"] = resident_decode if fits else streamed_decode
+    return Plan(budget=budget, usable=usable, phases=phases, decode_resident=fits, min_budget=min_budget)

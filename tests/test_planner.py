@@ -1,0 +1,105 @@
+"""The planner's byte counts against real checkpoints and the engine, and its decisions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import edgecm_cli
+from edgecm.checkpoint import open_checkpoint
+from edgecm.errors import EdgecmError
+from edgecm.kv_cache import KVCache
+from edgecm.model import LayerWeights
+from edgecm.prompt import PromptBuilder
+from edgecm_cli.plan import SHAPES_DIR
+from edgecm.config import load_model_config
+from runtime.planner import GiB, Workload, list_profiles, load_profile, make_plan, model_sizes, parse_bytes
+from runtime.engine import Engine, GenerationSettings
+
+GQA_UNTIED = dict(gqa=True, tied=False, layout="v5", sharded=False, chat_template=True)
+
+
+@pytest.mark.parametrize("text, expected", [("12GiB", 12 * GiB), ("12G", 12 * GiB), ("12GB", 12 * 10**9),
+                                            ("800MiB", 800 * 2**20), ("1.5 GiB", int(1.5 * GiB)), ("4096", 4096)])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["twelve", "12XB", "", "-1G"])
+def test_parse_bytes_refuses(bad):
+    with pytest.raises(EdgecmError, match="--budget"):
+        parse_bytes(bad)
+
+
+def test_sizes_match_the_checkpoint_and_the_engine(build_llava, image_path):
+    model_dir, reference = build_llava(**GQA_UNTIED)
+    checkpoint = open_checkpoint(model_dir)
+    sizes = model_sizes(checkpoint.config, "float32")
+    assert sizes.layer == checkpoint.layer_nbytes(0)  # every tensor of a layer, from the shard headers
+    assert sizes.embed == checkpoint.nbytes("embed_tokens.weight") and sizes.head == checkpoint.nbytes("lm_head.weight")
+    # vision: the tower's parameters up to the feature layer LLaVA reads, plus the projector
+    tower = reference.model.vision_tower
+    used = checkpoint.config.vision.clip["num_hidden_layers"] - 1  # feature layer -2
+    params = sum(p.numel() for n, p in tower.named_parameters() if "encoder.layers." not in n or int(n.split("encoder.layers.")[1].split(".")[0]) < used)
+    params += sum(p.numel() for p in reference.model.multi_modal_projector.parameters())
+    assert sizes.vision == 4 * params
+    # KV bytes per token: what the engine's cache really holds
+    from edgecm.vision import load_image
+
+    prompt = PromptBuilder(checkpoint).build("What is shown?", load_image(image_path))
+    result = Engine(checkpoint).generate(prompt, GenerationSettings(max_new_tokens=4, stop_at_eos=False))
+    assert result.memory["kv_cache_bytes"] == sizes.kv_per_token * (prompt.num_tokens + 3)
+
+
+def test_decode_residency_follows_the_budget():
+    config = load_model_config(SHAPES_DIR / "llava-1.5-7b")
+    sizes = model_sizes(config, "float16")
+    titan = load_profile("titan-xp")
+    plan = make_plan(sizes, titan, 12 * GiB)
+    # The specification's arithmetic: attention 4.3 GB + 40 % of FFN 3.5 GB + head, about 8 GB.
+    assert plan.decode_resident and 7.3 * GiB < plan.peak("decode") < 8.3 * GiB
+    assert plan.peak("prefill") < 2 * GiB  # two 7B layers stream, not 13 GB
+    tight = make_plan(sizes, titan, 6 * GiB)
+    assert not tight.decode_resident and tight.peak("decode") < 6 * GiB
+    dense = make_plan(sizes, titan, 12 * GiB, Workload(neuron_fraction=1.0))
+    assert not dense.decode_resident  # the dense 7B decode set (13 GB) does not fit in 12 GiB
+    with pytest.raises(EdgecmError, match=r"needs at least 2\.00 GiB"):
+        make_plan(sizes, titan, 1 * GiB)
+
+
+def test_nf4_shrinks_weights_by_about_four():
+    config = load_model_config(SHAPES_DIR / "llava-1.5-7b")
+    fp16, nf4 = model_sizes(config, "float16"), model_sizes(config, "nf4")
+    assert 3.5 < fp16.layer / nf4.layer < 4.0
+    assert nf4.kv_per_token == fp16.kv_per_token  # the cache stays in the compute dtype
+
+
+def test_every_shipped_profile_loads():
+    names = list_profiles()
+    assert {"titan-xp", "rtx-3060", "quadro-rtx-6000", "a100-80gb", "h100-80gb", "generic-cpu"} <= set(names)
+    for name in names:
+        profile = load_profile(name)
+        assert profile.memory_bytes > profile.reserved_bytes > 0 and profile.memory_bandwidth_gbs > 0 and profile.source
+
+
+def test_plan_command(build_llava, tmp_path, capsys):
+    assert edgecm_cli.main(["plan", "--shape", "llava-1.5-7b", "--budget", "12GiB", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["decode_resident"] and record["layer_bytes"] == 404766720
+    # a directory holding only config.json plans without weights
+    config_only = tmp_path / "cfg"
+    config_only.mkdir()
+    shutil.copy(SHAPES_DIR / "llava-1.5-13b" / "config.json", config_only / "config.json")
+    assert edgecm_cli.main(["plan", "--model", str(config_only), "--budget", "24GiB", "--profile", "quadro-rtx-6000"]) == 0
+    assert "decode peak" in capsys.readouterr().out
+    model_dir, _ = build_llava(**GQA_UNTIED)
+    assert edgecm_cli.main(["plan", "--model", str(model_dir), "--budget", "2GiB", "--profile", "generic-cpu", "--weights", "float32"]) == 0
+    capsys.readouterr()
+    code = edgecm_cli.main(["plan", "--shape", "llava-1.5-13b", "--budget", "2GiB"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "needs at least" in err
+    code = edgecm_cli.main(["plan", "--shape", "llava-1.5-7b", "--budget", "12GiB", "--weights", "bfloat16"])
+    assert code == 2 and "no bfloat16" in capsys.readouterr().err
