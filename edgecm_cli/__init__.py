@@ -162,6 +162,9 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
             ("--neuron-fraction",),
             dict(type=float, default=0.4, metavar="F", help="share of FFN neurons in the decode set (default: %(default)s)"),
         ),
+        "profile_out": (("--out",), dict(metavar="FILE.json", help="also write the profile here, e.g. profiles/my-gpu.json")),
+        "scratch": (("--scratch",), dict(default=".", metavar="DIR", help="directory for the disk test file (default: %(default)s)")),
+        "quick": (("--quick",), dict(action="store_true", help="small sizes: seconds instead of a minute, noisier figures")),
         "keep_early_kv": (
             ("--keep-early-kv",),
             dict(action="store_true", help="keep dropped tokens' KV entries in layers 0..K (default: core tokens only)"),
@@ -224,6 +227,7 @@ class _Parser(argparse.ArgumentParser):
 def _commands():
     from edgecm_cli.calibrate import cmd_calibrate
     from edgecm_cli.plan import cmd_plan
+    from edgecm_cli.profile import cmd_profile
     from edgecm_cli.caption import cmd_caption
     from edgecm_cli.chat import cmd_chat
     from edgecm_cli.show import cmd_show
@@ -280,6 +284,15 @@ def _commands():
             ("model", "shape", "budget", "profile", "weights", "prompt_tokens", "new_tokens", "kept_tokens",
              "neuron_fraction", "json"),
             cmd_plan,
+            {},
+        ),
+        "profile": (
+            "measure this machine and write a device profile",
+            "Measure disk read (page cache dropped), memory copy bandwidth, host-to-device transfers (pinned and "
+            "pageable, on CUDA) and matmul TFLOP/s, with a progress display; print the profile as JSON and write "
+            "it with --out, for `edgecm plan --profile FILE`.",
+            ("device", "profile_out", "scratch", "quick"),
+            cmd_profile,
             {},
         ),
     }

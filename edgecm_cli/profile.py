@@ -1,0 +1,89 @@
+"""``edgecm profile``: measure this machine and write a device profile the planner can use."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+from pathlib import Path
+
+from edgecm.errors import EdgecmError
+
+FULL = dict(disk=1024 * 2**20, memory=512 * 2**20, transfer=512 * 2**20, matmul=4096)
+QUICK = dict(disk=64 * 2**20, memory=64 * 2**20, transfer=64 * 2**20, matmul=512)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import psutil
+    import torch
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from runtime import measure
+    from runtime.engine import resolve_device
+    from runtime.telemetry import _nvml_memory
+
+    device = resolve_device(args.device)
+    sizes = QUICK if args.quick else FULL
+    scratch = Path(args.scratch)
+    if not scratch.is_dir():
+        raise EdgecmError(f"--scratch {scratch}: no such directory; give a directory on the disk that holds your models")
+    cuda = device.type == "cuda"
+    dtypes = [torch.float16, torch.bfloat16] if cuda else [torch.float32, torch.bfloat16]
+    if cuda and not torch.cuda.is_bf16_supported():
+        dtypes = [torch.float16]
+    steps = ["disk read", "memory copy", *(["host->device pinned", "host->device pageable"] if cuda else []),
+             *[f"matmul {str(d).replace('torch.', '')}" for d in dtypes]]
+    results: dict = {}
+    console = Console(stderr=True)
+    with Progress(console=console) as progress:
+        task = progress.add_task("profiling", total=len(steps))
+        for step in steps:
+            progress.update(task, description=step)
+            if step == "disk read":
+                results["disk_read_gbs"] = measure.disk_read_gbs(scratch, sizes["disk"])
+            elif step == "memory copy":
+                results["memory_bandwidth_gbs"] = measure.memory_bandwidth_gbs(device, sizes["memory"])
+            elif step.startswith("host->device"):
+                key = "h2d_pinned_gbs" if step.endswith("pinned") else "h2d_pageable_gbs"
+                results[key] = measure.host_to_device_gbs(device, sizes["transfer"], pinned=key == "h2d_pinned_gbs")
+            else:
+                dtype = getattr(torch, step.split()[1])
+                results.setdefault("matmul_tflops", {})[step.split()[1]] = measure.matmul_tflops(device, dtype, sizes["matmul"])
+            progress.advance(task)
+    if cuda:
+        nvml = _nvml_memory(device)
+        name = nvml[2] if nvml else torch.cuda.get_device_name(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        reserved = total - torch.cuda.mem_get_info(device)[0]  # what is already gone before any tensor
+        bf16 = torch.cuda.is_bf16_supported()
+        int8 = torch.cuda.get_device_capability(device) >= (7, 5)
+    else:
+        name = f"{platform.processor() or platform.machine()} CPU, {psutil.cpu_count(logical=False) or psutil.cpu_count()} cores"
+        total = psutil.virtual_memory().total
+        reserved = psutil.Process().memory_info().rss
+        bf16 = int8 = False
+    profile = {
+        "name": name,
+        "kind": device.type,
+        "memory_bytes": int(total),
+        "reserved_bytes": int(reserved),
+        "supports_bf16": bf16,
+        "supports_int8": int8,
+        "default_dtype": "float16" if cuda else "float32",
+        "source": f"measured by edgecm profile{' --quick' if args.quick else ''} on "
+        f"{datetime.date.today().isoformat()}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads",
+        **{k: round(v, 3) if isinstance(v, float) else {d: round(x, 3) for d, x in v.items()} for k, v in results.items()},
+    }
+    text = json.dumps(profile, indent=2)
+    if args.out:
+        out = Path(args.out)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text + "\n")
+        except OSError as exc:
+            raise EdgecmError(f"{out}: cannot write the profile ({exc.strerror}); pass --out a writable path") from None
+        console.print(f"wrote {out}")
+    print(text)
+    return 0
