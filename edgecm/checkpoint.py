@@ -98,9 +98,6 @@ class Checkpoint:
                 f"or its shards do not match config.json; re-download it"
             )
 
-    def has(self, name: str) -> bool:
-        return name in self._names
-
     def nbytes(self, name: str) -> int:
         return self._source.nbytes(name)
 

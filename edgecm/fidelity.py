@@ -22,13 +22,30 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from edgecm.errors import EdgecmError
 from edgecm.sparsity import DENSE, SparsitySettings, TokenRule
 
 PROMPTS_FILE = Path(__file__).parent / "data" / "prompts.jsonl"
 
 
 def load_prompts(path: Path = PROMPTS_FILE) -> list[str]:
-    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+    """Prompts from JSONL lines with a 'prompt' field, or plain lines (one prompt each)."""
+    if not path.is_file():
+        raise EdgecmError(f"{path}: no such prompt file; pass --prompts a JSONL or text file")
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                prompts.append(str(json.loads(line)["prompt"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise EdgecmError(f"{path}:{number}: not a JSON object with a 'prompt' field; fix that line") from None
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise EdgecmError(f"{path}: no prompts in it; one prompt per line, or JSONL with a 'prompt' field")
+    return prompts
 
 
 @dataclass
@@ -73,7 +90,6 @@ def measure(engine, refs: list[Reference], settings: SparsitySettings, label: st
     """Teacher-force ``settings`` on every reference answer and pool the metrics over all positions."""
     agree = kl_sum = positions = 0.0
     exact, fractions, speeds = [], [], []
-    width = engine.text.intermediate_size
     for ref in refs:
         n = len(ref.tokens)
         r = engine.generate(
@@ -93,7 +109,7 @@ def measure(engine, refs: list[Reference], settings: SparsitySettings, label: st
         sparse_logp = F.log_softmax(r.logits.double(), dim=-1)
         kl_sum += float((dense_logp.exp() * (dense_logp - sparse_logp)).sum())
         positions += n
-        fractions.append(sum(r.core_neurons) / (width * len(r.core_neurons)))
+        fractions.append(r.neuron_fraction)
         if n > 1:
             speeds.append(r.timings["decode_tokens_per_s"])
     return Fidelity(

@@ -35,10 +35,6 @@ class LayerKV:
             positions[: self.length] = self.positions[: self.length]
         self.keys, self.values, self.positions = keys, values, positions
 
-    def reserve(self, extra: int, like: torch.Tensor) -> None:
-        if self.length + extra > self.capacity:
-            self._grow(self.length + extra, like)
-
 
 class KVCache:
     """KV entries for every layer; ``update`` appends and returns the layer's full views."""
@@ -88,9 +84,3 @@ class KVCache:
                 per_token = kv.keys[:, :, :1].numel() * kv.keys.element_size()
                 total += 2 * per_token * kv.length
         return total
-
-    def allocated_bytes(self) -> int:
-        """Bytes of the underlying buffers, spare capacity included."""
-        return sum(
-            2 * kv.keys.numel() * kv.keys.element_size() for kv in self.layers if kv.keys is not None
-        )

@@ -50,7 +50,7 @@ def load_image(path: str | Path):
         raise EdgecmError(f"{path}: image is corrupt or truncated ({exc}); re-export or re-download it") from None
 
 
-def _layers_needed(vision: VisionConfig) -> tuple[int, tuple[int, ...]]:
+def feature_layers(vision: VisionConfig) -> tuple[int, tuple[int, ...]]:
     """(encoder layers to build, hidden_states indices to read) for the configured feature layer(s)."""
     total = int(vision.clip["num_hidden_layers"])
     requested = vision.feature_layer if isinstance(vision.feature_layer, tuple) else (vision.feature_layer,)
@@ -69,7 +69,7 @@ class VisionEncoder:
         if vision is None:
             raise EdgecmError(f"{checkpoint.path}: a text-only model cannot take an image; drop --image")
         self.vision = vision
-        layers, self.indices = _layers_needed(vision)
+        layers, self.indices = feature_layers(vision)
         clip_cfg = CLIPVisionConfig(**{**vision.clip, "num_hidden_layers": layers})
         with torch.device("meta"):
             tower = CLIPVisionModel(clip_cfg)

@@ -178,11 +178,15 @@ SHOW_NEW_TOKENS = 32
 SPARSITY_FLAGS = ("mode", "tokens", "token_rank", "neurons", "rho", "beta", "prune_layer", "dense_above", "dense_layers", "keep_early_kv")
 
 
-def sparsity_from_flags(args: argparse.Namespace):
-    """SparsitySettings from the flags alone (validated before any model is opened)."""
+def sparsity_from_flags(args: argparse.Namespace, calibration: dict | None = None):
+    """SparsitySettings from the flags, over a checkpoint's calibration record where one is given.
+
+    Commands call it once without a record before opening the model, so a bad
+    flag fails before any loading.
+    """
     from dataclasses import replace
 
-    from edgecm.sparsity import NeuronBudget, SparsitySettings, TokenRule, parse_layer_list
+    from edgecm.sparsity import NeuronBudget, SparsitySettings, TokenRule, apply_calibration, parse_layer_list
 
     settings = SparsitySettings(
         mode=args.mode,
@@ -195,28 +199,13 @@ def sparsity_from_flags(args: argparse.Namespace):
         keep_early_kv=args.keep_early_kv,
         seed=args.seed,
     )
+    if calibration is not None:
+        settings = apply_calibration(settings, calibration)
     if args.neurons is not None:
         settings = replace(settings, neurons=NeuronBudget.parse(args.neurons))
     if args.dense_above is not None:
         settings = replace(settings, dense_above=args.dense_above)
     return settings
-
-
-def calibrated(settings, args: argparse.Namespace, checkpoint_path):
-    """Apply the checkpoint's calibration file where --neurons / --dense-above were not given."""
-    from dataclasses import replace
-
-    from edgecm.sparsity import apply_calibration, load_calibration
-
-    record = load_calibration(checkpoint_path)
-    if record is None:
-        return settings, None
-    tuned = apply_calibration(settings, record)
-    if args.neurons is not None:
-        tuned = replace(tuned, neurons=settings.neurons)
-    if args.dense_above is not None:
-        tuned = replace(tuned, dense_above=settings.dense_above)
-    return tuned, record
 
 
 class _Parser(argparse.ArgumentParser):
@@ -336,13 +325,15 @@ class Loaded:
     generation: Any
 
 
-def load_model(args: argparse.Namespace, sparsity) -> Loaded:
+def load_model(args: argparse.Namespace) -> Loaded:
     from edgecm.prompt import PromptBuilder
     from edgecm.sampling import SamplingSettings
+    from edgecm.sparsity import load_calibration
     from runtime.engine import Engine, GenerationSettings
 
     checkpoint, model_name = open_model(args.model)
-    sparsity, calibration = calibrated(sparsity, args, checkpoint.path)
+    calibration = load_calibration(checkpoint.path)
+    sparsity = sparsity_from_flags(args, calibration)
     generation = GenerationSettings(
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingSettings(temperature=args.temperature, top_p=args.top_p, seed=args.seed),
@@ -367,16 +358,15 @@ def check_generation_flags(args: argparse.Namespace) -> None:
         raise EdgecmError(f"--top-p {args.top_p}: must be in (0, 1]")
 
 
-def stats_line(result, width: int) -> str:
-    """The one-line summary every command prints after an answer."""
+def stats_line(result) -> str:
+    """The one-line summary ``run`` prints after an answer."""
     t, m = result.timings, result.memory
     device_peak = m["device_peak_allocated_bytes"]
     peak_kind, peak = ("device peak", device_peak) if device_peak is not None else ("peak RSS", m["rss_peak_bytes"])
-    neuron_share = sum(result.core_neurons) / (width * len(result.core_neurons))
     return (
         f"prefill {t['prefill_s'] + t['vision_s']:.2f} s ({result.prompt_tokens} tokens, "
         f"kept {result.kept_image_tokens}/{result.image_tokens} image) | decode {t['decode_tokens_per_s']:.1f} tok/s "
-        f"({len(result.token_ids)} tokens, {neuron_share:.0%} FFN neurons) | "
+        f"({len(result.token_ids)} tokens, {result.neuron_fraction:.0%} FFN neurons) | "
         f"KV {format_bytes(m['kv_cache_bytes'])} ({max(result.kv_cache_tokens)} tokens) | "
         f"{peak_kind} {format_bytes(peak)}"
     )
@@ -385,11 +375,12 @@ def stats_line(result, width: int) -> str:
 def format_bytes(n: int | None) -> str:
     if n is None:
         return "n/a"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
-    return f"{n:.2f} GiB"
+        if n < 1024 or unit == "GiB":
+            return f"{n:.2f} {unit}"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -397,9 +388,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edgecm.vision import load_image
 
     check_generation_flags(args)
-    sparsity = sparsity_from_flags(args)
-    image = load_image(args.image) if args.image else None  # before the model: bad input fails fast
-    loaded = load_model(args, sparsity)
+    sparsity_from_flags(args)  # bad flags and bad input fail before the model loads
+    image = load_image(args.image) if args.image else None
+    loaded = load_model(args)
     builder = loaded.builder
     prompt = builder.build(args.question, image)
     stream = TextStream(builder)
@@ -419,7 +410,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write("\n")
         sys.stdout.flush()
-    print(f"edgecm: {stats_line(result, loaded.checkpoint.config.text.intermediate_size)}", file=sys.stderr)
+    print(f"edgecm: {stats_line(result)}", file=sys.stderr)
     return 0
 
 

@@ -3,32 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-
-def read_prompt_file(path: str) -> list[str]:
-    from pathlib import Path
-
-    from edgecm.errors import EdgecmError
-
-    file = Path(path)
-    if not file.is_file():
-        raise EdgecmError(f"{file}: no such prompt file; pass --prompts a JSONL or text file")
-    prompts = []
-    for number, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            try:
-                prompts.append(str(json.loads(line)["prompt"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise EdgecmError(f"{file}:{number}: not a JSON object with a 'prompt' field; fix that line") from None
-        else:
-            prompts.append(line)
-    if not prompts:
-        raise EdgecmError(f"{file}: no prompts in it; one prompt per line, or JSONL with a 'prompt' field")
-    return prompts
-
+from pathlib import Path
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from edgecm.calibration import DEFAULT_TARGET, search, write_calibration
@@ -45,7 +21,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise EdgecmError(f"--target {target}: must be in (0, 1]")
     if args.limit is not None and args.limit < 1:
         raise EdgecmError(f"--limit {args.limit}: must be at least 1")
-    texts = read_prompt_file(args.prompts) if args.prompts else load_prompts()
+    texts = load_prompts(Path(args.prompts)) if args.prompts else load_prompts()
     texts = texts[: args.limit] if args.limit else texts
     image = load_image(args.image) if args.image else None
     base = SparsitySettings() if args.dense_above is None else SparsitySettings(dense_above=args.dense_above)

@@ -141,7 +141,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from edgecm_cli import check_generation_flags, load_model, sparsity_from_flags
 
     check_generation_flags(args)
-    sparsity = sparsity_from_flags(args)
+    sparsity_from_flags(args)  # bad flags fail before the model loads
     shard = parse_shard(args.shard)
     out = Path(args.out)
     paths = [p for p in expand_inputs(args.inputs) if in_shard(p, shard)]
@@ -150,7 +150,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     print(f"edgecm: {len(paths)} images, {len(paths) - len(todo)} already in {out}, {len(todo)} to caption", file=sys.stderr)
     if not todo:
         return 0
-    loaded = load_model(args, sparsity)
+    loaded = load_model(args)
     if not loaded.checkpoint.config.is_multimodal:
         raise EdgecmError(f"{loaded.model_name}: a text-only model cannot caption images; pass --model a LLaVA checkpoint")
     writer = JsonlWriter(out)

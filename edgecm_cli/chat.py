@@ -52,12 +52,10 @@ class Chat:
             grid.add_row("decoding", f"{streaming['tokens']} tokens, {streaming['rate']:.1f} tok/s")
         last = self.last
         if last is not None:
-            width = self.loaded.checkpoint.config.text.intermediate_size
-            share = sum(last.core_neurons) / (width * len(last.core_neurons))
             t = last.timings
             grid.add_row("KV cache", f"{format_bytes(last.memory['kv_cache_bytes'])} ({max(last.kv_cache_tokens)} tokens)")
             grid.add_row("image tokens", f"kept {last.kept_image_tokens} of {last.image_tokens}")
-            grid.add_row("FFN neurons", f"{share:.0%} in decode")
+            grid.add_row("FFN neurons", f"{last.neuron_fraction:.0%} in decode")
             grid.add_row("last turn", f"prefill {t['prefill_s'] + t['vision_s']:.2f} s, decode {t['decode_tokens_per_s']:.1f} tok/s")
         image = self.image_path or "none"
         return Panel(grid, title=f"edgecm · {self.loaded.model_name} · image: {image}", border_style="blue", expand=False)
@@ -203,9 +201,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from edgecm_cli import check_generation_flags, load_model, sparsity_from_flags
 
     check_generation_flags(args)
-    sparsity = sparsity_from_flags(args)
+    sparsity_from_flags(args)  # bad flags fail before the model loads
     image = load_image(args.image) if args.image else None
-    loaded = load_model(args, sparsity)
+    loaded = load_model(args)
     if image is not None and not loaded.checkpoint.config.is_multimodal:
         raise EdgecmError("this is a text-only model; drop --image or pass --model a LLaVA checkpoint")
     return Chat(loaded, Console(highlight=False), image, args.image).loop()

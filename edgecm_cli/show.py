@@ -13,11 +13,15 @@ from __future__ import annotations
 import argparse
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from edgecm.corematching import knee_index
 from edgecm.errors import EdgecmError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 KEPT_FRAME = (255, 0, 255)
 PATCH_SCALE = 2  # the 336 px model view is drawn at 672 px
@@ -135,14 +139,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     from edgecm_cli import check_generation_flags, load_model, sparsity_from_flags
 
     check_generation_flags(args)
-    sparsity = sparsity_from_flags(args)
-    if not sparsity.prunes_tokens:
+    if not sparsity_from_flags(args).prunes_tokens:
         raise EdgecmError("show draws token pruning; use --mode corematching with --tokens knee, count:N or ratio:R")
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise EdgecmError(f"--out {out}: the picture is a PNG; give a path ending in .png")
     image = load_image(args.image)
-    loaded = load_model(args, sparsity)
+    loaded = load_model(args)
     if not loaded.checkpoint.config.is_multimodal:
         raise EdgecmError("show needs a LLaVA checkpoint: a text-only model has no image tokens")
     prompt = loaded.builder.build(args.question, image)

@@ -85,6 +85,12 @@ class GenerationResult:
     core_neurons: list[int] = field(default_factory=list)
     selection: TokenSelection | None = None
     logits: torch.Tensor | None = None  # (n, V) per generated position, when collected
+    ffn_width: int = 1
+
+    @property
+    def neuron_fraction(self) -> float:
+        """The share of FFN neurons decode used, over all layers."""
+        return sum(self.core_neurons) / (self.ffn_width * len(self.core_neurons)) if self.core_neurons else 1.0
 
 
 TokenCallback = Callable[[int], None]
@@ -344,4 +350,5 @@ class Engine:
             core_neurons=outcome.core_neurons,
             selection=outcome.selection,
             logits=torch.stack(step_logits) if collect_logits else None,
+            ffn_width=self.text.intermediate_size,
         )

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from edgecm.config import ModelConfig
 from edgecm.errors import EdgecmError
+from edgecm.vision import feature_layers
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "nf4": 0.5 + 1 / 32}  # nf4: 4 bits + a scale per 64
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
@@ -125,10 +126,8 @@ def model_sizes(config: ModelConfig, weight_dtype: str, compute_dtype: str | Non
     vision = image_tokens = 0
     if config.vision is not None:
         v = config.vision
-        total = int(v.clip["num_hidden_layers"])
-        requested = v.feature_layer if isinstance(v.feature_layer, tuple) else (v.feature_layer,)
-        used = max(i if i >= 0 else total + 1 + i for i in requested)
-        d_in = int(v.clip["hidden_size"]) * len(requested)
+        used, indices = feature_layers(v)
+        d_in = int(v.clip["hidden_size"]) * len(indices)
         projector = d_in * t.hidden_size + t.hidden_size * t.hidden_size + 2 * t.hidden_size
         vision = int((_clip_params(v.clip, used) + projector) * cb)
         image_tokens = v.tokens_per_image
