@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from edgecm.config import TextConfig
 from edgecm.errors import EdgecmError
 from edgecm.kv_cache import KVCache
+from edgecm.quant import QuantizedWeight, linear, quantize, weight_nbytes
 from edgecm.rope import apply_rotary
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -89,20 +90,53 @@ class LayerWeights:
                 kwargs[attr] = tensor.to(device=device, dtype=dtype)
         return cls(**kwargs)
 
-    def tensors(self) -> list[torch.Tensor]:
+    def state(self) -> dict[str, torch.Tensor]:
+        """The inverse of ``from_state``: tensors under their checkpoint names."""
+        return {key: t for attr, key in self._STATE_NAMES.items() if (t := getattr(self, attr)) is not None}
+
+    def tensors(self) -> list:
+        """Every weight present: tensors, or QuantizedWeight for quantised matrices."""
         return [t for t in (getattr(self, f.name) for f in fields(self)) if t is not None]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+        return sum(weight_nbytes(t) for t in self.tensors())
+
+    def copied_to(self, device: torch.device, pin: bool = False) -> "LayerWeights":
+        """Own copies of every tensor on ``device`` (pinned host memory with ``pin``).
+
+        Streamed weights live in the streamer's reusable buffers, which the next
+        layer overwrites; whatever must outlive the pass is copied out with this.
+        """
+        def move(t):
+            if not isinstance(t, torch.Tensor):
+                return t  # a quantised matrix is already its own memory
+            if pin:
+                return t.to("cpu", copy=True).pin_memory()
+            return t.to(device, copy=True)
+
+        return replace(self, **{f.name: move(t) for f in fields(self) if (t := getattr(self, f.name)) is not None})
+
+    def quantized(self, kind: str) -> "LayerWeights":
+        """The seven projection matrices quantised (NF4 or int8); norms and biases stay as they are."""
+        return replace(self, **{
+            name: w if isinstance(w := getattr(self, name), QuantizedWeight) else quantize(w, kind)
+            for name in self.MATRICES
+        })
+
+    MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
 
     def with_ffn_neurons(self, neurons: torch.Tensor) -> "LayerWeights":
         """The same layer with its FFN restricted to ``neurons`` (gate/up rows, down columns)."""
+
+        def full(w):  # slices of a kept quantised layer are cut from its dequantised matrix (and quantised again)
+            return w.dequantize() if isinstance(w, QuantizedWeight) else w
+
         return replace(
             self,
-            gate=self.gate[neurons].contiguous(),
-            up=self.up[neurons].contiguous(),
-            down=self.down[:, neurons].contiguous(),
+            gate=full(self.gate)[neurons].contiguous(),
+            up=full(self.up)[neurons].contiguous(),
+            down=full(self.down)[:, neurons].contiguous(),
             gate_bias=None if self.gate_bias is None else self.gate_bias[neurons].contiguous(),
             up_bias=None if self.up_bias is None else self.up_bias[neurons].contiguous(),
         )
@@ -128,9 +162,9 @@ def attention(
     """Grouped-query self-attention over the cache's entries plus ``x``. x: (B, T, d)."""
     b, t, _ = x.shape
     h, hkv, d = text.num_heads, text.num_kv_heads, text.head_dim
-    q = F.linear(x, w.q, w.q_bias).view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
-    k = F.linear(x, w.k, w.k_bias).view(b, t, hkv, d).transpose(1, 2)  # (B, Hkv, T, D)
-    v = F.linear(x, w.v, w.v_bias).view(b, t, hkv, d).transpose(1, 2)
+    q = linear(x, w.q, w.q_bias).view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
+    k = linear(x, w.k, w.k_bias).view(b, t, hkv, d).transpose(1, 2)  # (B, Hkv, T, D)
+    v = linear(x, w.v, w.v_bias).view(b, t, hkv, d).transpose(1, 2)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     had_entries = cache.length(layer) > 0
     keys, values, kv_positions = cache.update(layer, k, v, positions)
@@ -142,17 +176,17 @@ def attention(
         mask = kv_positions[None, :] <= positions.to(kv_positions.device)[:, None]  # (T, S)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=h != hkv)
     out = out.transpose(1, 2).reshape(b, t, h * d)
-    return F.linear(out, w.o, w.o_bias)
+    return linear(out, w.o, w.o_bias)
 
 
 def feed_forward(
     x: torch.Tensor, w: LayerWeights, act: Callable[[torch.Tensor], torch.Tensor], observer: FFNObserver | None = None
 ) -> torch.Tensor:
     """SwiGLU: down(act(gate(x)) * up(x)). ``observer`` sees the down_proj input (B, T, F)."""
-    hidden = act(F.linear(x, w.gate, w.gate_bias)) * F.linear(x, w.up, w.up_bias)
+    hidden = act(linear(x, w.gate, w.gate_bias)) * linear(x, w.up, w.up_bias)
     if observer is not None:
         observer(hidden)
-    return F.linear(hidden, w.down, w.down_bias)
+    return linear(hidden, w.down, w.down_bias)
 
 
 def decoder_layer(

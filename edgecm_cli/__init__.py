@@ -70,6 +70,22 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
                 "disk (needs memory for the whole model); default: stream layers for every pass",
             ),
         ),
+        "run_budget": (
+            ("--budget",),
+            dict(
+                metavar="SIZE",
+                help="device memory this run may use, e.g. 12GiB: the planner keeps resident what fits and streams "
+                "the rest; on CUDA the allocator enforces it (default: what the device has free)",
+            ),
+        ),
+        "quant": (
+            ("--quant",),
+            dict(
+                choices=("nf4", "int8"),
+                help="quantise the weights kept on the device with bitsandbytes: nf4 (any CUDA card, CPU) or int8 "
+                "(CUDA compute capability 7.5+, CPU); default: none",
+            ),
+        ),
         "json": (("--json",), dict(action="store_true", help="print one JSON object with text, ids, timings and memory")),
         "mode": (
             ("--mode",),
@@ -221,7 +237,7 @@ def _commands():
     from edgecm_cli.chat import cmd_chat
     from edgecm_cli.show import cmd_show
 
-    model = ("model", "device", "dtype", "resident")
+    model = ("model", "device", "dtype", "resident", "run_budget", "quant")
     sampling = ("max_new_tokens", "temperature", "top_p", "seed")
     return {
         "run": (
@@ -342,7 +358,9 @@ def load_model(args: argparse.Namespace) -> Loaded:
         checkpoint=checkpoint,
         model_name=model_name,
         builder=PromptBuilder(checkpoint),
-        engine=Engine(checkpoint, device=args.device, dtype=args.dtype, resident=args.resident),
+        engine=Engine(
+            checkpoint, device=args.device, dtype=args.dtype, resident=args.resident, budget=args.budget, quant=args.quant
+        ),
         sparsity=sparsity,
         calibration=calibration,
         generation=generation,
@@ -368,7 +386,7 @@ def stats_line(result) -> str:
         f"kept {result.kept_image_tokens}/{result.image_tokens} image) | decode {t['decode_tokens_per_s']:.1f} tok/s "
         f"({len(result.token_ids)} tokens, {result.neuron_fraction:.0%} FFN neurons) | "
         f"KV {format_bytes(m['kv_cache_bytes'])} ({max(result.kv_cache_tokens)} tokens) | "
-        f"{peak_kind} {format_bytes(peak)}"
+        f"{peak_kind} {format_bytes(peak)} | {m['plan']} (budget {format_bytes(m['budget_bytes'])})"
     )
 
 
@@ -435,6 +453,8 @@ def result_record(loaded: Loaded, result, text: str) -> dict:
         "kv_cache_bytes": result.memory["kv_cache_bytes"],
         "core_neurons": result.core_neurons,
         "ffn_width": loaded.checkpoint.config.text.intermediate_size,
+        "quant": loaded.engine.quant,
+        "telemetry": result.telemetry,
     }
 
 

@@ -28,7 +28,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     checkpoint, model_name = open_model(args.model)
     builder = PromptBuilder(checkpoint)
     prompts = [builder.build(text, image) for text in texts]
-    engine = Engine(checkpoint, device=args.device, dtype=args.dtype, resident=args.resident)
+    engine = Engine(
+        checkpoint, device=args.device, dtype=args.dtype, resident=args.resident, budget=args.budget, quant=args.quant
+    )
     print(f"edgecm: dense answers to {len(prompts)} prompts (up to {args.max_new_tokens} tokens each)", file=sys.stderr)
     refs = dense_references(engine, prompts, builder.stop_token_ids, args.max_new_tokens)
 

@@ -57,6 +57,9 @@ class Chat:
             grid.add_row("image tokens", f"kept {last.kept_image_tokens} of {last.image_tokens}")
             grid.add_row("FFN neurons", f"{last.neuron_fraction:.0%} in decode")
             grid.add_row("last turn", f"prefill {t['prefill_s'] + t['vision_s']:.2f} s, decode {t['decode_tokens_per_s']:.1f} tok/s")
+            m = last.memory
+            grid.add_row("plan", f"{m['plan']} under {format_bytes(m['budget_bytes'])}, "
+                         f"decode set {format_bytes(m['decode_set_bytes'] + m['kept_layer_bytes'])} on the device")
         image = self.image_path or "none"
         return Panel(grid, title=f"edgecm · {self.loaded.model_name} · image: {image}", border_style="blue", expand=False)
 
@@ -108,9 +111,23 @@ class Chat:
         r = self.last
         table = Table(title="last answer", show_header=False)
         for key, value in r.timings.items():
-            table.add_row(key, f"{value:.3f}" if key.endswith("_s") else f"{value:.1f}")
+            if isinstance(value, dict):  # per-token latency summary
+                table.add_row(key, ", ".join(f"{k} {v:.1f}" for k, v in value.items()))
+            elif isinstance(value, list):  # per-layer seconds
+                table.add_row(key, " ".join(f"{v * 1000:.0f}" for v in value) + " ms")
+            else:
+                table.add_row(key, f"{value:.3f}" if key.endswith("_s") else f"{value:.1f}")
         for key, value in r.memory.items():
-            table.add_row(key, format_bytes(value) if value is not None else "n/a")
+            if key.endswith("_bytes"):
+                table.add_row(key, format_bytes(value))
+            else:
+                table.add_row(key, str(value))
+        nvml = r.telemetry.get("nvml", {})
+        if nvml.get("available"):
+            table.add_row("GPU", f"{nvml['name']}, {nvml.get('gpu_utilization_percent')} % busy, "
+                          f"{nvml.get('power_watts')} W")
+        else:
+            table.add_row("GPU", str(nvml.get("reason", "n/a")))
         table.add_row("prompt tokens", str(r.prompt_tokens))
         table.add_row("image tokens kept", f"{r.kept_image_tokens} / {r.image_tokens}")
         table.add_row("KV tokens per layer", f"min {min(r.kv_cache_tokens)}, max {max(r.kv_cache_tokens)}")

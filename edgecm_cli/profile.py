@@ -22,7 +22,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     from runtime import measure
     from runtime.engine import resolve_device
-    from runtime.telemetry import _nvml_memory
+    from runtime.telemetry import nvml_snapshot
 
     device = resolve_device(args.device)
     sizes = QUICK if args.quick else FULL
@@ -53,8 +53,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
                 results.setdefault("matmul_tflops", {})[step.split()[1]] = measure.matmul_tflops(device, dtype, sizes["matmul"])
             progress.advance(task)
     if cuda:
-        nvml = _nvml_memory(device)
-        name = nvml[2] if nvml else torch.cuda.get_device_name(device)
+        nvml = nvml_snapshot(device)
+        name = nvml["name"] if nvml["available"] else torch.cuda.get_device_name(device)
         total = torch.cuda.get_device_properties(device).total_memory
         reserved = total - torch.cuda.mem_get_info(device)[0]  # what is already gone before any tensor
         bf16 = torch.cuda.is_bf16_supported()

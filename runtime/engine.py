@@ -1,9 +1,14 @@
-"""Prefill and decode loops over a streamed decoder.
+"""Prefill and decode loops over a streamed decoder, placed under a memory budget.
 
-The engine keeps resident only what every step needs: the token embedding,
-the final norm, the LM head and the KV cache. Decoder layers come from the
-streamer one at a time, for prefill and for every decode step, unless the
-streamer was asked to keep them resident.
+The engine keeps resident what every step needs: the token embedding, the
+final norm, the LM head and the KV cache. Decoder layers come from the
+streamer during prefill, the next one prefetched while the current one runs.
+What decode needs afterwards (the decode set: attention weights and the
+core-neuron FFN slices of every layer, or whole layers where a layer stays
+dense) is placed on the device as long as the budget allows; slices that do
+not fit wait in host memory and stream, and dense layers that do not fit are
+read from disk again. When the planner finds room for the whole model, every
+layer is kept after its first use instead.
 """
 
 from __future__ import annotations
@@ -21,14 +26,18 @@ from edgecm.errors import EdgecmError
 from edgecm.kv_cache import KVCache
 from edgecm.model import LayerWeights, decoder_layer, rms_norm
 from edgecm.prompt import Prompt
+from edgecm.quant import check_supported, linear
 from edgecm.rope import Rotary, apply_rotary
 from edgecm.sampling import SamplingSettings, next_token
 from edgecm.sparsity import DENSE, SparsitySettings
 from edgecm.vision import VisionEncoder
+from runtime.budget import Ledger, detect_profile, enforce, out_of_memory_message, resolve_budget
+from runtime.planner import Plan, Workload, activation_bytes, make_plan, model_sizes
 from runtime.streamer import LayerStreamer
-from runtime.telemetry import PeakRSS, Spans, device_memory
+from runtime.telemetry import LayerTimer, PeakRSS, Spans, device_memory, latency_summary, nvml_snapshot
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,7 +73,8 @@ class PrefillOutcome:
     """What one prefill decided: the logits of the next token and what decode runs on."""
 
     logits: torch.Tensor  # (V,) float32, for the token after the prompt
-    decode_layers: dict[int, LayerWeights]  # layers decoded on core-neuron slices, gathered once
+    decode_layers: dict[int, LayerWeights]  # the decode set placed on the device
+    held_layers: dict[int, LayerWeights]  # core-neuron slices that did not fit: host memory, streamed per token
     kept_positions: torch.Tensor  # positions present after layer K (text + kept image tokens)
     image_tokens: int
     kept_image_tokens: int
@@ -86,6 +96,7 @@ class GenerationResult:
     selection: TokenSelection | None = None
     logits: torch.Tensor | None = None  # (n, V) per generated position, when collected
     ffn_width: int = 1
+    telemetry: dict = field(default_factory=dict)  # NVML snapshot and streaming statistics
 
     @property
     def neuron_fraction(self) -> float:
@@ -97,25 +108,77 @@ TokenCallback = Callable[[int], None]
 
 
 class Engine:
-    """One loaded model: resident embedding/norm/head, streamed layers, owned loops."""
+    """One loaded model under one budget: resident embedding/norm/head, streamed layers, owned loops.
 
-    def __init__(self, checkpoint: Checkpoint, device: str = "cpu", dtype: str | None = None, resident: bool = False):
+    ``budget`` is a size such as "12GiB" (default: what the device has free);
+    ``quant`` ("nf4" or "int8") quantises the weights kept on the device;
+    ``resident`` keeps every layer after its first use whatever the plan says.
+    """
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        device: str = "cpu",
+        dtype: str | None = None,
+        resident: bool = False,
+        budget: str | None = None,
+        quant: str | None = None,
+        prefetch: bool = True,
+    ):
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         self.text = checkpoint.config.text
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device, self.text.dtype)
+        if quant is not None:
+            check_supported(quant, self.device)
+        self.quant = quant
+        self.profile = detect_profile(self.device)
+        self.budget = resolve_budget(budget, self.device, self.profile)
+        if budget is not None:
+            enforce(self.device, self.budget)
+        self.force_resident = resident
+        dtype_name = _DTYPE_NAMES[self.dtype]
+        self.sizes = model_sizes(self.config, dtype_name, dtype_name)
+        self.resident_sizes = model_sizes(self.config, quant or dtype_name, dtype_name)
         names = ["embed_tokens.weight", "norm.weight"]
         if not self.text.tie_word_embeddings:
             names.append("lm_head.weight")
-        resident_tensors = {
-            n: t.to(device=self.device, dtype=self.dtype) for n, t in checkpoint.read(names).items()
-        }
+        try:
+            resident_tensors = {
+                n: t.to(device=self.device, dtype=self.dtype) for n, t in checkpoint.read(names).items()
+            }
+        except torch.cuda.OutOfMemoryError:
+            raise EdgecmError(out_of_memory_message(self.device, self.budget, "loading the embedding and head")) from None
         self.embed_tokens = resident_tensors["embed_tokens.weight"]  # (V, d)
         self.final_norm = resident_tensors["norm.weight"]
         self.lm_head = resident_tensors.get("lm_head.weight", self.embed_tokens)  # tied: the same tensor
         self.rotary = Rotary(self.text, self.device)
-        self.streamer = LayerStreamer(checkpoint, self.device, self.dtype, resident=resident)
+        self.streamer = LayerStreamer(checkpoint, self.device, self.dtype, prefetch=prefetch)
+        self.timer = LayerTimer(self.device)
+        self.last_plan: Plan | None = None
+
+    # -- memory planning ---------------------------------------------------------------------------
+
+    def plan_for(self, prompt_tokens: int, image_tokens: int, new_tokens: int, sparsity: SparsitySettings) -> Plan:
+        """The planner's verdict for this request under this engine's budget (refuses one nothing fits in)."""
+        neurons = sparsity.neurons
+        fraction = neurons.share if sparsity.mode == "corematching" and neurons.kind == "beta" else 1.0
+        workload = Workload(
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            kept_image_tokens=image_tokens,  # the kept count is known only at layer K; plan for all of them
+            neuron_fraction=fraction,
+            prune_layer=sparsity.prune_layer,
+            compute_bytes=self.dtype.itemsize,
+        )
+        return make_plan(self.sizes, self.profile, self.budget, workload, resident=self.resident_sizes)
+
+    def _keep(self, weights: LayerWeights) -> LayerWeights:
+        """Weights that stay on the device: quantised if asked, always in memory of their own."""
+        if self.quant is not None:
+            weights = weights.quantized(self.quant)
+        return weights.copied_to(self.device)
 
     # -- building blocks -------------------------------------------------------------------------
 
@@ -145,15 +208,19 @@ class Engine:
         positions: torch.Tensor,
         cache: KVCache,
         resident_layers: dict[int, LayerWeights] | None = None,
+        held_layers: dict[int, LayerWeights] | None = None,
+        phase: str = "decode",
     ) -> torch.Tensor:
         """All decoder layers over ``hidden`` (1, T, d) at absolute ``positions`` (T,).
 
-        A layer found in ``resident_layers`` (the decode set) is used as is; the others come from the streamer.
+        A layer in ``resident_layers`` (the decode set on the device) is used as
+        is, one in ``held_layers`` is copied from host memory, any other is streamed from disk.
         """
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
-        for index in range(self.text.num_layers):
-            weights = (resident_layers or {}).get(index) or self.streamer.load(index)
-            hidden = decoder_layer(hidden, weights, self.text, cos, sin, positions, cache, index)
+        layers = self.streamer.stream(range(self.text.num_layers), resident_layers, held_layers)
+        for index, weights in layers:
+            with self.timer.layer(phase, index):
+                hidden = decoder_layer(hidden, weights, self.text, cos, sin, positions, cache, index)
             del weights
         return hidden
 
@@ -162,13 +229,13 @@ class Engine:
         t = hidden.shape[1]
         h, hkv, d = self.text.num_heads, self.text.num_kv_heads, self.text.head_dim
         x = rms_norm(hidden, w.input_norm, self.text.rms_norm_eps)
-        q = F.linear(x[:, -1:], w.q, w.q_bias).view(1, 1, h, d).transpose(1, 2)
-        k = F.linear(x, w.k, w.k_bias).view(1, t, hkv, d).transpose(1, 2)
+        q = linear(x[:, -1:], w.q, w.q_bias).view(1, 1, h, d).transpose(1, 2)
+        k = linear(x, w.k, w.k_bias).view(1, t, hkv, d).transpose(1, 2)
         q, k = apply_rotary(q, cos[-1:], sin[-1:]), apply_rotary(k, cos, sin)
         return fastv_scores(q[0, :, 0], k[0], h // hkv)[image_rows]
 
     def prefill(
-        self, hidden: torch.Tensor, prompt: Prompt, sparsity: SparsitySettings, cache: KVCache
+        self, hidden: torch.Tensor, prompt: Prompt, sparsity: SparsitySettings, cache: KVCache, new_tokens: int = 1
     ) -> PrefillOutcome:
         """Run the prompt through every layer, applying CoreMatching as ``sparsity`` says.
 
@@ -186,12 +253,13 @@ class Engine:
         if prune_at is not None and prune_at >= text.num_layers:
             raise EdgecmError(f"--prune-layer {prune_at}: the model has layers 0..{text.num_layers - 1}")
         collect = sparsity.mode == "corematching"
+        place = self._placer(prompt.num_tokens, new_tokens)
         decode_layers: dict[int, LayerWeights] = {}
+        held_layers: dict[int, LayerWeights] = {}
         core_counts: list[int] = []
         selection = None
         kept_image = int(image_rows.numel())
-        for index in range(text.num_layers):
-            weights = self.streamer.load(index)
+        for index, weights in self.streamer.stream(range(text.num_layers)):
             stats = None
             if collect:
                 at_k = index == prune_at
@@ -201,10 +269,10 @@ class Engine:
             fastv = None
             if index == prune_at and sparsity.token_rank == "fastv":
                 fastv = self._fastv(hidden, weights, cos, sin, image_rows)
-            hidden = decoder_layer(hidden, weights, text, cos, sin, positions, cache, index, observer=stats)
+            with self.timer.layer("prefill", index):
+                hidden = decoder_layer(hidden, weights, text, cos, sin, positions, cache, index, observer=stats)
             neurons = decode_neurons(stats, sparsity, index, text.intermediate_size) if collect else None
-            if neurons is not None:
-                decode_layers[index] = weights.with_ffn_neurons(neurons.to(self.device))
+            place(index, weights, neurons, decode_layers, held_layers)
             core_counts.append(text.intermediate_size if neurons is None else int(neurons.numel()))
             del weights
             if index == prune_at:
@@ -219,12 +287,54 @@ class Engine:
         return PrefillOutcome(
             logits=self.head(hidden[:, -1])[0],
             decode_layers=decode_layers,
+            held_layers=held_layers,
             kept_positions=positions,
             image_tokens=int(image_rows.numel()),
             kept_image_tokens=kept_image,
             core_neurons=core_counts,
             selection=selection,
         )
+
+    def _placer(self, prompt_tokens: int, new_tokens: int):
+        """Decide, layer by layer as prefill finishes each, where its decode weights live.
+
+        Greedy against the budget's ledger, keeping back room for the KV cache,
+        the activations and two streaming slots: a layer's decode weights (its
+        core slice, or the whole layer if it stays dense) go to the device while
+        they fit. After that a slice waits in host memory (pinned on CUDA) and
+        streams each token; a dense layer is read from disk again. Kept layers
+        are already on the device and need nothing more.
+        """
+        s, r = self.sizes, self.resident_sizes
+        workload = Workload(prompt_tokens=prompt_tokens, new_tokens=new_tokens, compute_bytes=self.dtype.itemsize)
+        reserve = (
+            s.kv_per_token * (prompt_tokens + new_tokens)
+            + activation_bytes(prompt_tokens, s, workload)
+            + 2 * s.layer
+        )
+        ledger = Ledger(usable=self.budget - self.profile.reserved_bytes)
+        ledger.commit(s.resident_always + len(self.streamer.kept) * r.layer)
+        keeping = self.streamer.keep_as is not None
+
+        def place(index, weights, neurons, on_device: dict, on_host: dict) -> None:
+            if neurons is None and index in self.streamer.kept:
+                return
+            decode = weights if neurons is None else weights.with_ffn_neurons(neurons.to(self.device))
+            width = self.text.intermediate_size if neurons is None else int(neurons.numel())
+            size = r.attention + r.norms + r.ffn * width // self.text.intermediate_size
+            if keeping or ledger.fits(size, reserve):
+                on_device[index] = self._keep(decode)
+                ledger.commit(size)
+            elif neurons is not None:
+                on_host[index] = decode.copied_to(torch.device("cpu"), pin=self.device.type == "cuda")
+
+        return place
+
+    def _decode_streams_nothing(self, outcome: PrefillOutcome) -> bool:
+        on_device = set(outcome.decode_layers) | set(self.streamer.kept)
+        if self.device.type == "cpu":
+            on_device |= set(outcome.held_layers)
+        return len(on_device) == self.text.num_layers
 
     def _kept_rows(self, length: int, image_rows: torch.Tensor, kept_image: torch.Tensor) -> torch.Tensor:
         """Sequence rows surviving layer K: every text row and the kept image rows, in order."""
@@ -235,7 +345,7 @@ class Engine:
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: (..., d) -> (..., V) logits in float32."""
-        return F.linear(rms_norm(hidden, self.final_norm, self.text.rms_norm_eps), self.lm_head).float()
+        return linear(rms_norm(hidden, self.final_norm, self.text.rms_norm_eps), self.lm_head).float()
 
     # -- whole passes ----------------------------------------------------------------------------
 
@@ -245,7 +355,7 @@ class Engine:
         hidden = self.embed(prompt)
         positions = torch.arange(prompt.num_tokens, device=self.device)
         cache = KVCache(self.text.num_layers)
-        return self.head(self.run_layers(hidden, positions, cache))
+        return self.head(self.run_layers(hidden, positions, cache, phase="prefill"))
 
     @torch.inference_mode()
     def generate(
@@ -275,22 +385,40 @@ class Engine:
                 f"prompt ({prompt.num_tokens} tokens) + --max-new-tokens {settings.max_new_tokens} exceeds the "
                 f"model's context of {self.text.max_position_embeddings}; shorten the prompt or lower --max-new-tokens"
             )
+        plan = self.plan_for(prompt.num_tokens, int(prompt.image_positions.numel()), settings.max_new_tokens, sparsity)
+        self.last_plan = plan
+        self.streamer.keep_as = self._keep if (self.force_resident or plan.layers_resident) else None
+        try:
+            return self._generate(
+                prompt, settings, stop_token_ids, on_token, should_stop, sparsity, forced_tokens, collect_logits
+            )
+        except torch.cuda.OutOfMemoryError:
+            raise EdgecmError(out_of_memory_message(self.device, self.budget, "generation")) from None
+
+    def _generate(
+        self, prompt, settings, stop_token_ids, on_token, should_stop, sparsity, forced_tokens, collect_logits
+    ) -> GenerationResult:
         spans = Spans(self.device)
         generator = torch.Generator().manual_seed(settings.sampling.seed)
         cache = KVCache(self.text.num_layers, reserve_tokens=settings.max_new_tokens)
         self.streamer.reset_counters()
+        self.timer = LayerTimer(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         tokens: list[int] = []
         step_logits: list[torch.Tensor] = []
+        token_seconds: list[float] = []
         stop_reason = "length"
         with PeakRSS() as rss:
             started = time.perf_counter()
             hidden = self.embed(prompt, spans)
             with spans.span("prefill"):
-                outcome = self.prefill(hidden, prompt, sparsity, cache)
+                outcome = self.prefill(hidden, prompt, sparsity, cache, settings.max_new_tokens)
                 logits = outcome.logits
-            prefill_load = self.streamer.load_seconds
+            prefill_stream = self.streamer.stats
+            self.streamer.reset_counters()
+            if self._decode_streams_nothing(outcome):
+                self.streamer.release_slots()  # decode moves no weights: the slots' memory goes to the KV cache
             first_token_s = time.perf_counter() - started
             # The next position is the unpruned prompt length, whatever the cache holds.
             position = prompt.num_tokens
@@ -313,32 +441,60 @@ class Engine:
                     if should_stop is not None and should_stop():
                         stop_reason = "interrupted"
                         break
+                    step_started = time.perf_counter()
                     ids = torch.tensor([[token]], device=self.device)
                     step_positions = torch.tensor([position], device=self.device)
                     hidden = self.run_layers(
-                        F.embedding(ids, self.embed_tokens), step_positions, cache, outcome.decode_layers
+                        F.embedding(ids, self.embed_tokens), step_positions, cache,
+                        outcome.decode_layers, outcome.held_layers,
                     )
                     logits = self.head(hidden[:, -1])[0]
+                    logits[0].item()  # waits for the device, so the step's time is its real latency
+                    token_seconds.append(time.perf_counter() - step_started)
                     position += 1
+        decode_stream = self.streamer.stats
         decode_steps = max(len(tokens) - 1, 0)  # the first token came from the prefill logits
+        prefill_compute = self.timer.total("prefill")
+        prefill_exposed = max(spans.seconds["prefill"] - prefill_compute, 0.0)
         timings = {
             "vision_s": spans.seconds.get("vision", 0.0),
             "prefill_s": spans.seconds["prefill"],
-            "prefill_weight_load_s": prefill_load,
+            "prefill_compute_s": prefill_compute,
+            "prefill_transfer_s": prefill_stream.fetch_s,
+            "prefill_transfer_exposed_s": min(prefill_exposed, prefill_stream.fetch_s),
+            "prefill_transfer_hidden_s": max(prefill_stream.fetch_s - prefill_exposed, 0.0),
+            "prefill_layer_compute_s": self.timer.per_layer("prefill"),
             "first_token_s": first_token_s,
             "decode_s": spans.seconds["decode"],
-            "decode_weight_load_s": self.streamer.load_seconds - prefill_load,
+            "decode_transfer_s": decode_stream.fetch_s,
+            "decode_compute_s": self.timer.total("decode"),
             "decode_tokens_per_s": decode_steps / spans.seconds["decode"] if decode_steps else 0.0,
+            "decode_token_latency": latency_summary(token_seconds),
         }
+        plan = self.last_plan
         memory = {
             "rss_start_bytes": rss.start_bytes,
             "rss_peak_bytes": rss.peak_bytes,
             "kv_cache_bytes": cache.nbytes(),
             "decode_set_bytes": sum(w.nbytes for w in outcome.decode_layers.values()),
-            "weights_read_bytes": self.streamer.bytes_read,
+            "decode_set_host_bytes": sum(w.nbytes for w in outcome.held_layers.values()),
+            "kept_layer_bytes": sum(w.nbytes for w in self.streamer.kept.values()),
+            "decode_layers_on_device": len(outcome.decode_layers) + len(
+                [i for i in self.streamer.kept if i not in outcome.decode_layers]
+            ),
+            "weights_read_bytes": prefill_stream.bytes_read + decode_stream.bytes_read,
+            "decode_weights_read_bytes": decode_stream.bytes_read,
+            "decode_weights_copied_bytes": decode_stream.bytes_copied,
+            "budget_bytes": self.budget,
+            "plan_peak_bytes": plan.peak_bytes,
+            "plan": "all layers kept" if plan.layers_resident else (
+                "decode set resident" if plan.decode_resident else "decode set streams"
+            ),
             **device_memory(self.device),
         }
         return GenerationResult(
+            telemetry={"nvml": nvml_snapshot(self.device), "stream_prefill": prefill_stream.to_json(),
+                       "stream_decode": decode_stream.to_json()},
             token_ids=tokens,
             prompt_tokens=prompt.num_tokens,
             image_tokens=outcome.image_tokens,

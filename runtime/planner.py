@@ -6,6 +6,8 @@ Three phases, each with its own peak:
   with the full prompt's activations and KV cache;
 - decode: the decode set (attention weights + core-neuron FFN slices of every layer)
   stays resident if it fits; otherwise the compact slices stream through two buffers.
+When the whole model fits beside the KV cache, every layer is kept after its first
+use instead, so later prompts (chat turns, a caption batch) read nothing from disk.
 The embedding, final norm and LM head stay resident throughout. A budget below the
 smallest streaming peak is refused, with that smallest budget in the message.
 
@@ -165,6 +167,7 @@ class Plan:
     phases: dict  # phase -> {item: bytes}
     decode_resident: bool  # the decode set stays on the device (no weight traffic in decode)
     min_budget: int  # the smallest budget that runs, with everything streamed
+    layers_resident: bool = False  # every layer kept on the device after its first use
 
     def peak(self, phase: str) -> int:
         return sum(self.phases[phase].values())
@@ -174,30 +177,37 @@ class Plan:
         return max(self.peak(p) for p in self.phases)
 
 
-def _activations(tokens: int, s: ModelSizes, w: Workload) -> int:
+def activation_bytes(tokens: int, s: ModelSizes, w: Workload) -> int:
     # hidden + residual + norm output (3 x d), q/k/v/out (4 x d), gate/up/h (3 x F) per token, plus
     # last-token logits in float32; SDPA's fused kernels keep attention scores out of memory.
     return tokens * (7 * s.hidden + 3 * s.ffn_width) * w.compute_bytes + 4 * s.vocab
 
 
-def make_plan(s: ModelSizes, profile: DeviceProfile, budget: int, w: Workload = Workload()) -> Plan:
-    """What is resident in each phase under ``budget`` bytes; refuses a budget nothing fits in."""
+def make_plan(
+    s: ModelSizes, profile: DeviceProfile, budget: int, w: Workload = Workload(), resident: ModelSizes | None = None
+) -> Plan:
+    """What is resident in each phase under ``budget`` bytes; refuses a budget nothing fits in.
+
+    ``resident`` gives the sizes of weights kept on the device when they differ
+    from the streamed ones (NF4 or int8 quantisation of resident weights).
+    """
+    r = resident or s
     text_tokens = w.prompt_tokens - s.image_tokens
     kept = text_tokens + min(w.kept_image_tokens, s.image_tokens) if s.image_tokens else w.prompt_tokens
     early = min(w.prune_layer + 1, s.num_layers)  # layers 0..K hold every prompt token during prefill
     prefill_kv = s.kv_per_token // s.num_layers * (early * w.prompt_tokens + (s.num_layers - early) * kept)
     decode_kv = s.kv_per_token * (kept + w.new_tokens)
     compact_layer = s.attention + s.norms + int(w.neuron_fraction * s.ffn)
-    decode_set = s.num_layers * compact_layer
+    decode_set = s.num_layers * (r.attention + r.norms + int(w.neuron_fraction * r.ffn))
     always = {"embedding + final norm + LM head": s.resident_always}
     phases = {}
     if s.vision:
         phases["vision"] = {**always, "vision tower + projector": s.vision,
-                            "vision activations": _activations(s.image_tokens + 1, s, w) // 2}
+                            "vision activations": activation_bytes(s.image_tokens + 1, s, w) // 2}
     phases["prefill"] = {**always, "2 streamed layer buffers": 2 * s.layer, "KV cache (prompt)": prefill_kv,
-                         "activations": _activations(w.prompt_tokens, s, w)}
+                         "activations": activation_bytes(w.prompt_tokens, s, w)}
     streamed_decode = {**always, "2 streamed compact-layer buffers": 2 * compact_layer, "KV cache": decode_kv,
-                       "activations": _activations(1, s, w)}
+                       "activations": activation_bytes(1, s, w)}
     min_budget = profile.reserved_bytes + max(
         sum(phases["prefill"].values()), sum(streamed_decode.values()), sum(phases.get("vision", {}).values())
     )
@@ -208,7 +218,17 @@ def make_plan(s: ModelSizes, profile: DeviceProfile, budget: int, w: Workload = 
             f"it needs at least {math.ceil(min_budget / GiB * 100) / 100:.2f} GiB on {profile.name}; raise --budget"
         )
     resident_decode = {**always, "decode set (attention + core FFN slices)": decode_set, "KV cache": decode_kv,
-                       "activations": _activations(1, s, w)}
+                       "activations": activation_bytes(1, s, w)}
     fits = sum(resident_decode.values()) <= usable
     phases["decode"] = resident_decode if fits else streamed_decode
+    # Everything kept: all layers, plus the core slices decode uses in their place, beside the largest KV cache.
+    slices = s.num_layers * int(w.neuron_fraction * r.ffn) if w.neuron_fraction < 1 else 0
+    kept = {**always, "all layers (kept after first use)": s.num_layers * r.layer, "core FFN slices": slices,
+            "KV cache": s.kv_per_token * (w.prompt_tokens + w.new_tokens),
+            "activations": activation_bytes(w.prompt_tokens, s, w)}
+    if sum(kept.values()) <= usable:
+        phases["prefill"] = {k: v for k, v in kept.items() if k != "core FFN slices"}
+        phases["decode"] = kept
+        return Plan(budget=budget, usable=usable, phases=phases, decode_resident=True, min_budget=min_budget,
+                    layers_resident=True)
     return Plan(budget=budget, usable=usable, phases=phases, decode_resident=fits, min_budget=min_budget)
