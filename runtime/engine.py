@@ -32,7 +32,7 @@ from edgecm.sampling import SamplingSettings, next_token
 from edgecm.sparsity import DENSE, SparsitySettings
 from edgecm.vision import VisionEncoder
 from runtime.budget import Ledger, detect_profile, enforce, out_of_memory_message, resolve_budget
-from runtime.planner import Plan, Workload, activation_bytes, make_plan, model_sizes
+from runtime.planner import Plan, Workload, make_plan, model_sizes
 from runtime.streamer import LayerStreamer
 from runtime.telemetry import LayerTimer, PeakRSS, Spans, device_memory, latency_summary, nvml_snapshot
 
@@ -235,7 +235,7 @@ class Engine:
         return fastv_scores(q[0, :, 0], k[0], h // hkv)[image_rows]
 
     def prefill(
-        self, hidden: torch.Tensor, prompt: Prompt, sparsity: SparsitySettings, cache: KVCache, new_tokens: int = 1
+        self, hidden: torch.Tensor, prompt: Prompt, sparsity: SparsitySettings, cache: KVCache
     ) -> PrefillOutcome:
         """Run the prompt through every layer, applying CoreMatching as ``sparsity`` says.
 
@@ -253,7 +253,7 @@ class Engine:
         if prune_at is not None and prune_at >= text.num_layers:
             raise EdgecmError(f"--prune-layer {prune_at}: the model has layers 0..{text.num_layers - 1}")
         collect = sparsity.mode == "corematching"
-        place = self._placer(prompt.num_tokens, new_tokens)
+        place = self._placer()
         decode_layers: dict[int, LayerWeights] = {}
         held_layers: dict[int, LayerWeights] = {}
         core_counts: list[int] = []
@@ -295,7 +295,7 @@ class Engine:
             selection=selection,
         )
 
-    def _placer(self, prompt_tokens: int, new_tokens: int):
+    def _placer(self):
         """Decide, layer by layer as prefill finishes each, where its decode weights live.
 
         Greedy against the budget's ledger, keeping back room for the KV cache,
@@ -305,15 +305,10 @@ class Engine:
         streams each token; a dense layer is read from disk again. Kept layers
         are already on the device and need nothing more.
         """
-        s, r = self.sizes, self.resident_sizes
-        workload = Workload(prompt_tokens=prompt_tokens, new_tokens=new_tokens, compute_bytes=self.dtype.itemsize)
-        reserve = (
-            s.kv_per_token * (prompt_tokens + new_tokens)
-            + activation_bytes(prompt_tokens, s, workload)
-            + 2 * s.layer
-        )
-        ledger = Ledger(usable=self.budget - self.profile.reserved_bytes)
-        ledger.commit(s.resident_always + len(self.streamer.kept) * r.layer)
+        r = self.resident_sizes
+        reserve = self.last_plan.reserve  # the planner's working set, so placement and plan agree
+        ledger = Ledger(usable=self.last_plan.usable)
+        ledger.commit(self.sizes.resident_always + len(self.streamer.kept) * r.layer)
         keeping = self.streamer.keep_as is not None
 
         def place(index, weights, neurons, on_device: dict, on_host: dict) -> None:
@@ -329,6 +324,18 @@ class Engine:
                 on_host[index] = decode.copied_to(torch.device("cpu"), pin=self.device.type == "cuda")
 
         return place
+
+    def _decode_bytes_per_token(self, outcome: PrefillOutcome) -> int:
+        """Weight bytes one decode step reads: each layer as decode uses it, plus the final norm and LM head."""
+        total = self.final_norm.numel() * self.final_norm.element_size() + self.lm_head.numel() * self.lm_head.element_size()
+        for index in range(self.text.num_layers):
+            for source in (outcome.decode_layers, self.streamer.kept, outcome.held_layers):
+                if index in source:
+                    total += source[index].nbytes
+                    break
+            else:
+                total += self.sizes.layer  # streamed from disk, in the compute dtype
+        return total
 
     def _decode_streams_nothing(self, outcome: PrefillOutcome) -> bool:
         on_device = set(outcome.decode_layers) | set(self.streamer.kept)
@@ -413,7 +420,7 @@ class Engine:
             started = time.perf_counter()
             hidden = self.embed(prompt, spans)
             with spans.span("prefill"):
-                outcome = self.prefill(hidden, prompt, sparsity, cache, settings.max_new_tokens)
+                outcome = self.prefill(hidden, prompt, sparsity, cache)
                 logits = outcome.logits
             prefill_stream = self.streamer.stats
             self.streamer.reset_counters()
@@ -453,6 +460,7 @@ class Engine:
                     token_seconds.append(time.perf_counter() - step_started)
                     position += 1
         decode_stream = self.streamer.stats
+        per_token = self._decode_bytes_per_token(outcome)
         decode_steps = max(len(tokens) - 1, 0)  # the first token came from the prefill logits
         prefill_compute = self.timer.total("prefill")
         prefill_exposed = max(spans.seconds["prefill"] - prefill_compute, 0.0)
@@ -482,6 +490,7 @@ class Engine:
             "decode_layers_on_device": len(outcome.decode_layers) + len(
                 [i for i in self.streamer.kept if i not in outcome.decode_layers]
             ),
+            "decode_weight_bytes_per_token": per_token,
             "weights_read_bytes": prefill_stream.bytes_read + decode_stream.bytes_read,
             "decode_weights_read_bytes": decode_stream.bytes_read,
             "decode_weights_copied_bytes": decode_stream.bytes_copied,

@@ -27,7 +27,8 @@ from edgecm.config import ModelConfig
 from edgecm.errors import EdgecmError
 from edgecm.vision import feature_layers
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "nf4": 0.5 + 1 / 32}  # nf4: 4 bits + a scale per 64
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "nf4": 0.5 + 4 / 64, "int8": 1 + 4 / 4096}
+# nf4: 4 bits + a float32 scale per block of 64; int8: a byte + a float32 scale per row (4096 wide for 7B)
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 GiB = 1024**3
 
@@ -168,6 +169,7 @@ class Plan:
     decode_resident: bool  # the decode set stays on the device (no weight traffic in decode)
     min_budget: int  # the smallest budget that runs, with everything streamed
     layers_resident: bool = False  # every layer kept on the device after its first use
+    reserve: int = 0  # working set beside resident weights (slots, KV cache, activations) at its largest
 
     def peak(self, phase: str) -> int:
         return sum(self.phases[phase].values())
@@ -217,9 +219,13 @@ def make_plan(
             f"budget {budget / GiB:.2f} GiB is too small for this model even with every layer streamed: "
             f"it needs at least {math.ceil(min_budget / GiB * 100) / 100:.2f} GiB on {profile.name}; raise --budget"
         )
+    # The decode set is gathered layer by layer during prefill, so it must fit beside prefill's working set too.
+    reserve = max(sum(phases["prefill"].values()), sum(streamed_decode.values())) - s.resident_always
     resident_decode = {**always, "decode set (attention + core FFN slices)": decode_set, "KV cache": decode_kv,
                        "activations": activation_bytes(1, s, w)}
-    fits = sum(resident_decode.values()) <= usable
+    fits = s.resident_always + decode_set + reserve <= usable
+    if fits:
+        phases["prefill"] = {**phases["prefill"], "decode set (gathered as prefill goes)": decode_set}
     phases["decode"] = resident_decode if fits else streamed_decode
     # Everything kept: all layers, plus the core slices decode uses in their place, beside the largest KV cache.
     slices = s.num_layers * int(w.neuron_fraction * r.ffn) if w.neuron_fraction < 1 else 0
@@ -230,5 +236,6 @@ def make_plan(
         phases["prefill"] = {k: v for k, v in kept.items() if k != "core FFN slices"}
         phases["decode"] = kept
         return Plan(budget=budget, usable=usable, phases=phases, decode_resident=True, min_budget=min_budget,
-                    layers_resident=True)
-    return Plan(budget=budget, usable=usable, phases=phases, decode_resident=fits, min_budget=min_budget)
+                    layers_resident=True, reserve=reserve)
+    return Plan(budget=budget, usable=usable, phases=phases, decode_resident=fits, min_budget=min_budget,
+                reserve=reserve)

