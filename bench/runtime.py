@@ -80,7 +80,7 @@ def make_random_llava(config: dict, out: Path, device: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)
     with torch.device(device):  # initialising 7B parameters is minutes on a CPU, seconds on a GPU
-        model = LlavaForConditionalGeneration._from_config(LlavaConfig.from_dict(config), torch_dtype=torch.float16)
+        model = LlavaForConditionalGeneration._from_config(LlavaConfig.from_dict(config), dtype=torch.float16)
     model.save_pretrained(str(out), safe_serialization=True, max_shard_size="2GB")
     del model
     done.write_text(json.dumps(config))
@@ -129,7 +129,8 @@ def run_edgecm(variant: str, model: str, ids, pixels, image_token_id, args) -> d
     prompt = Prompt(input_ids=ids, pixel_values=pixels, text="", image_token_id=image_token_id)
     budget = args.budget
     if variant.endswith("streamed"):  # the smallest budget the planner accepts: everything streams
-        budget = str(Engine(checkpoint, device=args.device).plan_for(ids.shape[1], 0, args.new_tokens, sparsity).min_budget)
+        images = int(prompt.image_positions.numel())
+        budget = str(Engine(checkpoint, device=args.device).plan_for(ids.shape[1], images, args.new_tokens, sparsity).min_budget)
     engine = Engine(checkpoint, device=args.device, budget=budget, quant="nf4" if variant.endswith("nf4") else None)
     engine.generate(prompt, GenerationSettings(max_new_tokens=2, stop_at_eos=False), sparsity=sparsity)  # warm-up
     result = engine.generate(prompt, GenerationSettings(max_new_tokens=args.new_tokens, stop_at_eos=False), sparsity=sparsity)
@@ -271,7 +272,9 @@ def markdown(report: dict) -> str:
     lines = [f"# Runtime benchmark on {report['device']}", "",
              f"`{report['command']}`; torch {report['torch']}, {report['threads']} threads, "
              f"{report['new_tokens']} decode tokens, budget {report['budget'] or 'none (device free memory)'}; "
-             f"peak memory bandwidth {report['peak_bandwidth_gbs']} GB/s ({report['profile']}).", ""]
+             f"peak memory bandwidth {report['peak_bandwidth_gbs']} GB/s ({report['profile']}). Peak memory is the "
+             f"device's peak allocation on CUDA and the process's peak RSS on CPU; decode GB/s is the weight and KV "
+             f"bytes one decode step reads times tok/s.", ""]
     for model in report["models"]:
         baseline = model["baseline"]
         lines += [f"## {model['name']}", "", model["description"], "",
@@ -283,7 +286,7 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {r['variant']} | failed: {r['error']} |||||||||")
                 continue
             share = r.get("bandwidth_share_of_peak")
-            vision = "in prefill" if r["vision_s"] is None else f"{r['vision_s']:.2f}"
+            vision = "in prefill" if r["vision_s"] is None else (f"{r['vision_s']:.2f}" if r["vision_s"] else "-")
             lines.append(
                 f"| {r['variant']} | {vision} | {r['prefill_s']:.2f} | {r['decode_tokens_per_s']:.2f} | "
                 f"{r['peak_memory_bytes'] / GiB:.2f} | {r['decode_bandwidth_gbs']:.1f} | "

@@ -83,7 +83,8 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
             dict(
                 choices=("nf4", "int8"),
                 help="quantise the weights kept on the device with bitsandbytes: nf4 (any CUDA card, CPU) or int8 "
-                "(CUDA compute capability 7.5+, CPU); default: none",
+                "(CUDA compute capability 7.5+, CPU); on CPU both save memory but run slowly (bitsandbytes "
+                "dequantises per matmul there); default: none",
             ),
         ),
         "json": (("--json",), dict(action="store_true", help="print one JSON object with text, ids, timings and memory")),

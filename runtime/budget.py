@@ -46,7 +46,8 @@ def detect_profile(device: torch.device) -> DeviceProfile:
             supports_int8=(major, minor) >= (7, 5),
             source="reported by the device (no shipped profile matches its name); bandwidths unknown",
         )
-    return replace(load_profile("generic-cpu"), memory_bytes=psutil.virtual_memory().total)
+    total = psutil.virtual_memory().total
+    return replace(load_profile("generic-cpu"), name=f"this CPU host ({total / GiB:.0f} GiB)", memory_bytes=total)
 
 
 def resolve_budget(text: str | None, device: torch.device, profile: DeviceProfile) -> int:
