@@ -170,7 +170,11 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
         "shape": (("--shape",), dict(metavar="NAME", help="plan a published shape without weights: llava-1.5-7b, llava-1.5-13b")),
         "weights": (
             ("--weights",),
-            dict(choices=("float32", "float16", "bfloat16", "nf4"), help="weight format (default: the profile's dtype)"),
+            dict(
+                choices=("float32", "float16", "bfloat16", "nf4", "int8"),
+                help="weight format (default: the profile's dtype); nf4/int8 quantise the resident weights while "
+                "streamed layers stay float16, as --quant does",
+            ),
         ),
         "prompt_tokens": (("--prompt-tokens",), dict(type=int, default=620, metavar="N", help="prompt length incl. image tokens (default: %(default)s)")),
         "new_tokens": (("--new-tokens",), dict(type=int, default=128, metavar="N", help="tokens to generate (default: %(default)s)")),

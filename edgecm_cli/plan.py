@@ -47,7 +47,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     weight_dtype = args.weights or profile.default_dtype
     if weight_dtype == "bfloat16" and not profile.supports_bf16:
         raise EdgecmError(f"--weights bfloat16: {profile.name} has no bfloat16; use float16 or nf4")
-    compute = "float32" if weight_dtype == "float32" else ("float16" if weight_dtype == "nf4" else weight_dtype)
+    quantised = weight_dtype in ("nf4", "int8")  # as --quant: resident weights quantised, streamed ones float16
+    compute = "float32" if weight_dtype == "float32" else ("float16" if quantised else weight_dtype)
     workload = Workload(
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,
@@ -55,11 +56,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         neuron_fraction=args.neuron_fraction,
         compute_bytes=4 if compute == "float32" else 2,
     )
-    sizes = model_sizes(config, weight_dtype, compute)
-    plan = make_plan(sizes, profile, budget, workload)
+    sizes = model_sizes(config, compute, compute)
+    plan = make_plan(sizes, profile, budget, workload, resident=model_sizes(config, weight_dtype, compute))
     if args.json:
         print(json.dumps({"model": name, "profile": profile.name, "weights": weight_dtype, "budget": budget,
                           "usable": plan.usable, "min_budget": plan.min_budget, "decode_resident": plan.decode_resident,
+                          "layers_resident": plan.layers_resident,
                           "phases": plan.phases, "peak": plan.peak_bytes, "layer_bytes": sizes.layer,
                           "kv_bytes_per_token": sizes.kv_per_token}))
         return 0
@@ -79,7 +81,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"usable {format_bytes(plan.usable)} after {format_bytes(profile.reserved_bytes)} reserved; "
         f"smallest workable budget {format_bytes(plan.min_budget)}"
     )
-    if plan.decode_resident:
+    if plan.layers_resident:
+        console.print("the whole model fits: every layer stays after its first use, later prompts read nothing")
+    elif plan.decode_resident:
         console.print("decode set resident: decode moves no weights across PCIe")
     else:
         console.print("[yellow]decode set does not fit: compact FFN slices stream every token[/]")
