@@ -50,7 +50,7 @@ def detect_profile(device: torch.device) -> DeviceProfile:
     return replace(load_profile("generic-cpu"), name=f"this CPU host ({total / GiB:.0f} GiB)", memory_bytes=total)
 
 
-def resolve_budget(text: str | None, device: torch.device, profile: DeviceProfile) -> int:
+def resolve_budget(text: str | None, device: torch.device) -> int:
     """Bytes this run may use on ``device``: --budget, or what the device has free."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)

@@ -134,7 +134,7 @@ class Engine:
             check_supported(quant, self.device)
         self.quant = quant
         self.profile = detect_profile(self.device)
-        self.budget = resolve_budget(budget, self.device, self.profile)
+        self.budget = resolve_budget(budget, self.device)
         if budget is not None:
             enforce(self.device, self.budget)
         self.force_resident = resident
@@ -325,23 +325,22 @@ class Engine:
 
         return place
 
+    def _decode_weights(self, outcome: PrefillOutcome, on_device_only: bool = False) -> dict[int, LayerWeights]:
+        """The weights decode uses for every layer not read from disk, by the streamer's precedence.
+
+        The decode set wins over a kept layer (it may be a slice), which wins over
+        a held slice. Held slices count as on the device only on CPU, where host
+        memory is the compute memory.
+        """
+        held = {} if on_device_only and self.device.type == "cuda" else outcome.held_layers
+        return {**held, **self.streamer.kept, **outcome.decode_layers}
+
     def _decode_bytes_per_token(self, outcome: PrefillOutcome) -> int:
         """Weight bytes one decode step reads: each layer as decode uses it, plus the final norm and LM head."""
-        total = self.final_norm.numel() * self.final_norm.element_size() + self.lm_head.numel() * self.lm_head.element_size()
-        for index in range(self.text.num_layers):
-            for source in (outcome.decode_layers, self.streamer.kept, outcome.held_layers):
-                if index in source:
-                    total += source[index].nbytes
-                    break
-            else:
-                total += self.sizes.layer  # streamed from disk, in the compute dtype
-        return total
-
-    def _decode_streams_nothing(self, outcome: PrefillOutcome) -> bool:
-        on_device = set(outcome.decode_layers) | set(self.streamer.kept)
-        if self.device.type == "cpu":
-            on_device |= set(outcome.held_layers)
-        return len(on_device) == self.text.num_layers
+        used = self._decode_weights(outcome)
+        from_disk = (self.text.num_layers - len(used)) * self.sizes.layer  # streamed, in the compute dtype
+        head = sum(t.numel() * t.element_size() for t in (self.final_norm, self.lm_head))
+        return head + from_disk + sum(w.nbytes for w in used.values())
 
     def _kept_rows(self, length: int, image_rows: torch.Tensor, kept_image: torch.Tensor) -> torch.Tensor:
         """Sequence rows surviving layer K: every text row and the kept image rows, in order."""
@@ -424,7 +423,7 @@ class Engine:
                 logits = outcome.logits
             prefill_stream = self.streamer.stats
             self.streamer.reset_counters()
-            if self._decode_streams_nothing(outcome):
+            if len(self._decode_weights(outcome, on_device_only=True)) == self.text.num_layers:
                 self.streamer.release_slots()  # decode moves no weights: the slots' memory goes to the KV cache
             first_token_s = time.perf_counter() - started
             # The next position is the unpruned prompt length, whatever the cache holds.
@@ -487,9 +486,7 @@ class Engine:
             "decode_set_bytes": sum(w.nbytes for w in outcome.decode_layers.values()),
             "decode_set_host_bytes": sum(w.nbytes for w in outcome.held_layers.values()),
             "kept_layer_bytes": sum(w.nbytes for w in self.streamer.kept.values()),
-            "decode_layers_on_device": len(outcome.decode_layers) + len(
-                [i for i in self.streamer.kept if i not in outcome.decode_layers]
-            ),
+            "decode_layers_on_device": len(self._decode_weights(outcome, on_device_only=True)),
             "decode_weight_bytes_per_token": per_token,
             "weights_read_bytes": prefill_stream.bytes_read + decode_stream.bytes_read,
             "decode_weights_read_bytes": decode_stream.bytes_read,

@@ -24,10 +24,9 @@ waited for it; the difference was hidden behind compute.
 from __future__ import annotations
 
 import math
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -47,7 +46,6 @@ class StreamStats:
     bytes_copied: int = 0  # host to device (CUDA only)
     fetch_s: float = 0.0
     exposed_s: float = 0.0
-    per_layer: list[dict] = field(default_factory=list)  # one record per streamed layer, in order
 
     @property
     def hidden_s(self) -> float:
@@ -113,13 +111,12 @@ class LayerStreamer:
         self._next_slot = 0
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgecm-prefetch")
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._lock = threading.Lock()
 
     # -- one fetch, run on the worker thread ---------------------------------------------------
 
     def _fetch(self, index: int, slot: _Slot, held: LayerWeights | None) -> tuple[dict, dict]:
         started = time.perf_counter()
-        record = {"layer": index, "source": "host" if held is not None else "disk"}
+        record = {}
         if held is not None:
             state = held.state()
         else:
@@ -164,22 +161,19 @@ class LayerStreamer:
         done.set_result(self._fetch(index, slot, held))
         return done
 
-    def _receive(self, future: Future) -> LayerWeights:
+    def _receive(self, future: Future, copies: list) -> LayerWeights:
         waited = time.perf_counter()
         views, record = future.result()
         exposed = time.perf_counter() - waited
         if self._copy_stream is not None:
-            begin, end = record.pop("copy_event")
+            begin, end = record["copy_event"]
             torch.cuda.current_stream(self.device).wait_event(end)  # the GPU waits, not the host
-            self._pending_timings.append((record, begin, end))
-        fetch = record["host_s"]
-        record["exposed_s"] = exposed
+            copies.append((begin, end))
         self.stats.layers += 1
         self.stats.bytes_read += record.get("bytes_read", 0)
         self.stats.bytes_copied += record.get("bytes_copied", 0)
-        self.stats.fetch_s += fetch
+        self.stats.fetch_s += record["host_s"]
         self.stats.exposed_s += exposed
-        self.stats.per_layer.append(record)
         return LayerWeights.from_state(views, self.device, self.dtype)
 
     # -- passes ----------------------------------------------------------------------------------
@@ -205,7 +199,7 @@ class LayerStreamer:
             # On CPU, host memory is the compute memory: held layers are used where they are.
             resident.update({i: held[i] for i in streamed if i in held})
             streamed = [i for i in streamed if i not in held]
-        self._pending_timings: list = []
+        copies: list = []  # CUDA events around each copy, read once the pass is over
         futures: dict[int, Future] = {}
         cursor = 0
 
@@ -221,7 +215,7 @@ class LayerStreamer:
                 if index in resident:
                     yield index, resident[index]
                     continue
-                weights = self._receive(futures.pop(index))
+                weights = self._receive(futures.pop(index), copies)
                 submit_next()  # into the other slot, while this layer computes
                 if self.keep_as is not None:
                     self.kept[index] = self.keep_as(weights)
@@ -230,21 +224,12 @@ class LayerStreamer:
         finally:
             for future in futures.values():  # a pass abandoned midway (an error): let the worker finish
                 future.result()
-            self._collect_copy_timings()
-
-    def _collect_copy_timings(self) -> None:
-        """Fold the CUDA-event copy times into the stats once the copies are done."""
-        if not self._pending_timings:
-            return
-        torch.cuda.synchronize(self.device)
-        for record, begin, end in self._pending_timings:
-            copy_s = begin.elapsed_time(end) / 1000
-            record["copy_s"] = copy_s
-            self.stats.fetch_s += copy_s
-        self._pending_timings = []
+            if copies:  # fold the copy times into the stats once the copies are done
+                torch.cuda.synchronize(self.device)
+                self.stats.fetch_s += sum(begin.elapsed_time(end) for begin, end in copies) / 1000
 
     def load(self, index: int) -> LayerWeights:
-        """One layer on its own, not prefetched (vision-free helpers and tests)."""
+        """One layer on its own, in memory of its own (for inspection; passes use ``stream``)."""
         for _, weights in self.stream([index]):
             return weights.copied_to(self.device) if index not in self.kept else weights
         raise AssertionError("unreachable")
