@@ -122,10 +122,11 @@ def run_edgecm(variant: str, model: str, ids, pixels, image_token_id, args) -> d
 
     checkpoint = open_checkpoint(model)
     sparsity = DENSE
-    if "beta 0.4" in variant or (variant.startswith("edgecm corematching") and "default" not in variant):
-        sparsity = SparsitySettings(tokens=TokenRule("count", args.kept_tokens), neurons=NeuronBudget("beta", 0.4))
-    elif "default" in variant:
-        sparsity = SparsitySettings()  # mass 0.98, layers needing > 90 % of their neurons stay dense
+    if variant.startswith("edgecm corematching"):
+        # "default": mass 0.98, layers needing > 90 % of their neurons stay dense; otherwise the paper's setting.
+        sparsity = SparsitySettings() if "default" in variant else SparsitySettings(
+            tokens=TokenRule("count", args.kept_tokens), neurons=NeuronBudget("beta", 0.4)
+        )
     prompt = Prompt(input_ids=ids, pixel_values=pixels, text="", image_token_id=image_token_id)
     budget = args.budget
     if variant.endswith("streamed"):  # the smallest budget the planner accepts: everything streams
@@ -154,6 +155,8 @@ def run_transformers(variant: str, model: str, ids, pixels, args) -> dict:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlavaForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
+    from runtime.planner import parse_bytes
+
     hf_logging.set_verbosity_error()
     cuda = args.device == "cuda"
     dtype = torch.float16 if cuda else torch.float32
@@ -161,7 +164,7 @@ def run_transformers(variant: str, model: str, ids, pixels, args) -> dict:
     if variant.endswith("offload"):
         # accelerate places whole modules under max_memory and runs the rest from host memory; its figure covers
         # weights only, so 2 GiB of the budget are left for activations and the KV cache.
-        budget = _parse(args.budget)
+        budget = parse_bytes(args.budget)
         torch.cuda.set_per_process_memory_fraction(budget / torch.cuda.get_device_properties(0).total_memory)
         kwargs.update(device_map="auto", max_memory={0: budget - 2 * GiB, "cpu": 200 * GiB})
     elif variant.endswith("nf4"):
@@ -200,21 +203,19 @@ def run_transformers(variant: str, model: str, ids, pixels, args) -> dict:
         prefill = generate(1)
         total = generate(args.new_tokens)
     weight_bytes = sum(p.numel() * p.element_size() for n, p in net.named_parameters() if "vision_tower" not in n)
-    kv = 2 * net.config.get_text_config().num_hidden_layers * ids.shape[1] * net.config.get_text_config().hidden_size
+    # The KV cache as edgecm counts it: every layer's keys and values for the prompt and the fed-back tokens.
+    text = net.config.get_text_config()
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv = 2 * text.num_hidden_layers * kv_heads * head_dim * (ids.shape[1] + args.new_tokens - 1) * dtype.itemsize
     return {
         "vision_s": None,
         "prefill_s": prefill,
         "decode_tokens_per_s": (args.new_tokens - 1) / max(total - prefill, 1e-9),
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else rss.peak_bytes,
-        "decode_bytes_per_token": weight_bytes + kv * (2 if cuda else 4),
+        "decode_bytes_per_token": weight_bytes + kv,
         "plan": "device_map " + ("auto, max_memory" if variant.endswith("offload") else "resident"),
     }
-
-
-def _parse(text: str) -> int:
-    from runtime.planner import parse_bytes
-
-    return parse_bytes(text)
 
 
 def worker(args) -> None:
