@@ -30,6 +30,8 @@ def _defaults():
 
 
 def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
+    from edgecm.quant import QUANT_KINDS
+
     gen, sampling, sparse = _defaults()
     return {
         "model": (
@@ -81,7 +83,7 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
         "quant": (
             ("--quant",),
             dict(
-                choices=("nf4", "int8"),
+                choices=QUANT_KINDS,
                 help="quantise the weights kept on the device with bitsandbytes: nf4 (any CUDA card, CPU) or int8 "
                 "(CUDA compute capability 7.5+, CPU); on CPU both save memory but run slowly (bitsandbytes "
                 "dequantises per matmul there); default: none",
@@ -171,7 +173,7 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
         "weights": (
             ("--weights",),
             dict(
-                choices=("float32", "float16", "bfloat16", "nf4", "int8"),
+                choices=("float32", "float16", "bfloat16", *QUANT_KINDS),
                 help="weight format (default: the profile's dtype); nf4/int8 quantise the resident weights while "
                 "streamed layers stay float16, as --quant does",
             ),
