@@ -12,7 +12,8 @@ the paper's neuron budget beta 0.4; SmolLM2 adds the calibrated default.
 
 Every variant runs in a fresh process (clean peak-memory counters, nothing
 shared) with the same prompt, image and thread count, after a short warm-up
-generation. Prefill is the time to the first token (edgecm also reports the
+generation; variants are interleaved over --repeats rounds and the tables give
+medians, since single runs on a shared machine vary by tens of percent. Prefill is the time to the first token (edgecm also reports the
 vision tower separately); decode tok/s is over --new-tokens forced tokens.
 Decode bandwidth = weight bytes one decode step reads x tok/s, against the
 device profile's peak memory bandwidth. Writes runtime-<device>.json and .md.
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
 
@@ -254,6 +256,33 @@ def run_in_process(variant: str, model: Path, config: dict | None, args) -> dict
     return row
 
 
+def run_rounds(variants: list[str], model: Path, config: dict | None, args) -> list[dict]:
+    """Every variant once per round, interleaved, for --repeats rounds; medians per variant.
+
+    Interleaving spreads the machine's slow spells over all variants instead of
+    landing them on whichever ran then; the median drops the outliers.
+    """
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for round_index in range(args.repeats):
+        print(f" round {round_index + 1} of {args.repeats}", file=sys.stderr)
+        for variant in variants:
+            runs[variant].append(run_in_process(variant, model, config, args))
+    rows = []
+    for variant, results in runs.items():
+        failed = [r for r in results if "error" in r]
+        if failed:
+            rows.append(failed[0])
+            continue
+        row = dict(results[0])
+        for key in ("vision_s", "prefill_s", "decode_tokens_per_s"):
+            if row[key] is not None:
+                row[key] = median(r[key] for r in results)
+                row[f"{key}_runs"] = [r[key] for r in results]
+        row["peak_memory_bytes"] = max(r["peak_memory_bytes"] for r in results)
+        rows.append(row)
+    return rows
+
+
 # -- the report -----------------------------------------------------------------------------------
 
 
@@ -272,7 +301,8 @@ def add_ratios(rows: list[dict], baseline: str, peak_gbs: float) -> None:
 def markdown(report: dict) -> str:
     lines = [f"# Runtime benchmark on {report['device']}", "",
              f"`{report['command']}`; torch {report['torch']}, {report['threads']} threads, "
-             f"{report['new_tokens']} decode tokens, budget {report['budget'] or 'none (device free memory)'}; "
+             f"{report['new_tokens']} decode tokens, budget {report['budget'] or 'none (device free memory)'}, "
+             f"medians of {report['repeats']} interleaved runs (each in a fresh process; every run in the JSON); "
              f"peak memory bandwidth {report['peak_bandwidth_gbs']} GB/s ({report['profile']}). Peak memory is the "
              f"device's peak allocation on CUDA and the process's peak RSS on CPU; decode GB/s is the weight and KV "
              f"bytes one decode step reads times tok/s.", ""]
@@ -311,6 +341,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--kept-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; tables give medians")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/edgecm-bench"))
     parser.add_argument("--profile", help="device profile for the peak bandwidth (default: the detected one)")
     parser.add_argument("--only", choices=("llava", "smollm2"), help="run one model only")
@@ -335,7 +366,7 @@ def main() -> None:
         print(f"{shape}: writing random weights into {args.scratch} (once)", file=sys.stderr)
         model = make_random_llava(config, args.scratch / ("llava-1.5-7b" if cuda else "llava-small"), args.device)
         ids, pixels = llava_inputs(config)
-        rows = [run_in_process(v, model, config, args) for v in LLAVA_VARIANTS[args.device]]
+        rows = run_rounds(LLAVA_VARIANTS[args.device], model, config, args)
         baseline = "transformers offload" if cuda else "transformers"
         add_ratios(rows, baseline, profile.memory_bandwidth_gbs)
         models.append({"name": f"{shape}, random float16 weights", "baseline": baseline, "rows": rows,
@@ -345,7 +376,7 @@ def main() -> None:
     if args.only in (None, "smollm2"):
         gguf = smollm2_gguf_path()
         ids = smollm2_inputs(open_checkpoint(gguf))
-        rows = [run_in_process(v, gguf, None, args) for v in SMOLLM2_VARIANTS]
+        rows = run_rounds(SMOLLM2_VARIANTS, gguf, None, args)
         add_ratios(rows, "transformers", profile.memory_bandwidth_gbs)
         models.append({"name": "SmolLM2-135M-Instruct, real weights (GGUF)", "baseline": "transformers", "rows": rows,
                        "prompt_tokens": ids.shape[1],
@@ -355,6 +386,7 @@ def main() -> None:
     report = {
         "device": name, "profile": profile.name, "peak_bandwidth_gbs": profile.memory_bandwidth_gbs,
         "torch": torch.__version__, "threads": args.threads, "new_tokens": args.new_tokens, "budget": args.budget,
+        "repeats": args.repeats,
         "command": "python3 bench/runtime.py " + " ".join(sys.argv[1:]), "models": models,
     }
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
