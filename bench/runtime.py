@@ -138,16 +138,15 @@ def run_edgecm(variant: str, model: str, ids, pixels, image_token_id, args) -> d
     engine.generate(prompt, GenerationSettings(max_new_tokens=2, stop_at_eos=False), sparsity=sparsity)  # warm-up
     result = engine.generate(prompt, GenerationSettings(max_new_tokens=args.new_tokens, stop_at_eos=False), sparsity=sparsity)
     t, m = result.timings, result.memory
-    peak = m["device_peak_allocated_bytes"] if args.device == "cuda" else m["rss_peak_bytes"]
     return {
-        "vision_s": t["vision_s"],
-        "prefill_s": t["prefill_s"] + t["vision_s"],
-        "prefill_transfer_hidden_s": t["prefill_transfer_hidden_s"],
-        "prefill_transfer_exposed_s": t["prefill_transfer_exposed_s"],
-        "decode_tokens_per_s": t["decode_tokens_per_s"],
-        "peak_memory_bytes": peak,
-        "decode_bytes_per_token": m["decode_weight_bytes_per_token"] + m["kv_cache_bytes"],
-        "plan": m["plan"],
+        "vision_s": t.vision_s,
+        "prefill_s": t.time_to_answer_s,
+        "prefill_transfer_hidden_s": t.prefill_transfer_hidden_s,
+        "prefill_transfer_exposed_s": t.prefill_transfer_exposed_s,
+        "decode_tokens_per_s": t.decode_tokens_per_s,
+        "peak_memory_bytes": m.peak[1],
+        "decode_bytes_per_token": m.decode_weight_bytes_per_token + m.kv_cache_bytes,
+        "plan": m.plan,
         "kept_image_tokens": result.kept_image_tokens,
         "neuron_fraction": result.neuron_fraction,
     }

@@ -1,5 +1,6 @@
 """Open a checkpoint on disk and read its tensors lazily, under one canonical naming.
 
+Each family (edgecm.families) maps the names of its key layouts onto these.
 Canonical names (what the rest of edgecm uses, whatever the file says):
     embed_tokens.weight, norm.weight, lm_head.weight
     layers.{i}.self_attn.{q,k,v,o}_proj.{weight,bias}
@@ -23,33 +24,14 @@ import torch
 
 from edgecm.config import ModelConfig, load_model_config
 from edgecm.errors import EdgecmError
+from edgecm.families import Family, family_named
 from edgecm.safetensors_source import TensorInfo, read_tensors, scan_directory
 
-# Ordered: the first matching prefix wins, so the specific LLaVA prefixes come
-# before the generic Llama ``model.``.
-_PREFIX_RULES = (
-    ("model.language_model.", ""),
-    ("language_model.model.", ""),
-    ("language_model.lm_head.", "lm_head."),
-    ("model.", ""),
-    ("", ""),
-)
-
-
-def canonical_name(name: str) -> str:
-    for prefix, replacement in _PREFIX_RULES:
-        if name.startswith(prefix):
-            name = replacement + name[len(prefix):]
-            break
-    # CLIP towers saved by transformers 4.x wrap their modules in ``vision_model.``; 5.x does not.
-    if name.startswith("vision_tower.vision_model."):
-        name = "vision_tower." + name[len("vision_tower.vision_model."):]
-    return name
-
-
 class _SafetensorsSource:
-    def __init__(self, model_dir: Path):
-        self._infos: dict[str, TensorInfo] = {canonical_name(k): v for k, v in scan_directory(model_dir).items()}
+    def __init__(self, model_dir: Path, family: Family):
+        self._infos: dict[str, TensorInfo] = {
+            family.canonical_name(k): v for k, v in scan_directory(model_dir).items()
+        }
 
     def names(self) -> list[str]:
         return list(self._infos)
@@ -79,18 +61,12 @@ class Checkpoint:
         self.config = config
         self._source = source
         self.tokenizer_source = tokenizer
+        self.family = family_named(config.family)
         self._names = set(source.names())
         self._check_complete()
 
     def _check_complete(self) -> None:
-        text = self.config.text
-        required = ["embed_tokens.weight", "norm.weight"]
-        if not text.tie_word_embeddings:
-            required.append("lm_head.weight")
-        for i in range(text.num_layers):
-            required += [f"layers.{i}.{n}.weight" for n in _LAYER_MATRICES]
-        if self.config.is_multimodal:
-            required += ["multi_modal_projector.linear_1.weight", "multi_modal_projector.linear_2.weight"]
+        required = self.family.required_tensors(self.config)
         missing = [n for n in required if n not in self._names]
         if missing:
             raise EdgecmError(
@@ -122,19 +98,6 @@ class Checkpoint:
         return sum(self.nbytes(n) for n in self.layer_names(index))
 
 
-_LAYER_MATRICES = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-    "input_layernorm",
-    "post_attention_layernorm",
-)
-
-
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a checkpoint directory (safetensors) or a ``.gguf`` file; validate before any tensor is read."""
     path = Path(path).expanduser()
@@ -149,7 +112,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         if len(ggufs) == 1:
             return _open_gguf(ggufs[0])
     config = load_model_config(path)
-    return Checkpoint(path, config, _SafetensorsSource(path), TokenizerSource(path))
+    source = _SafetensorsSource(path, family_named(config.family))
+    return Checkpoint(path, config, source, TokenizerSource(path))
 
 
 def _open_gguf(path: Path) -> Checkpoint:

@@ -1,5 +1,8 @@
 """Frozen configuration parsed from a checkpoint's config.json (or GGUF metadata).
 
+The family (edgecm.families) reads its own parts; this module holds the
+shared records and the decoder's config, which every family uses.
+
 transformers does the parsing of config.json itself (``AutoConfig``): it knows
 every spelling that has been published (``rope_scaling`` vs ``rope_parameters``,
 ``image_token_index`` vs ``image_token_id``, partial ``text_config`` blocks
@@ -16,7 +19,6 @@ from typing import Any
 
 from edgecm.errors import EdgecmError
 
-SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlamaForCausalLM")
 SUPPORTED_TEXT_MODEL_TYPES = ("llama",)
 
 
@@ -104,39 +106,15 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
-class VisionConfig:
-    """The CLIP tower and the LLaVA projector in front of the decoder."""
-
-    clip: dict[str, Any]  # a CLIPVisionConfig as a dict, handed back to transformers
-    feature_layer: int | tuple[int, ...] = -2
-    select_strategy: str = "default"  # "default" drops the CLS token, "full" keeps it
-    projector_act: str = "gelu"
-    projector_bias: bool = True
-
-    @property
-    def image_size(self) -> int:
-        return int(self.clip["image_size"])
-
-    @property
-    def patch_size(self) -> int:
-        return int(self.clip["patch_size"])
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.num_patches + (1 if self.select_strategy == "full" else 0)
-
-
-@dataclass(frozen=True)
 class ModelConfig:
-    """A whole checkpoint: ``kind`` is "llava" (image + text) or "llama" (text only)."""
+    """A whole checkpoint: its family's name (see edgecm.families), the decoder, and the vision side.
 
-    kind: str
+    ``vision`` is the family's own frozen vision config (None for text-only models).
+    """
+
+    family: str
     text: TextConfig
-    vision: VisionConfig | None = None
+    vision: Any = None
     image_token_id: int | None = None
 
     @property
@@ -207,14 +185,9 @@ def load_model_config(model_dir: Path) -> ModelConfig:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EdgecmError(f"{path}: not valid JSON ({exc}); re-copy the checkpoint's config.json") from None
-    archs = raw.get("architectures") or []
-    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-    if arch is None:
-        found = ", ".join(archs) or f"model_type={raw.get('model_type')!r}"
-        raise EdgecmError(
-            f"{path}: architecture {found} is not supported; edgecm runs "
-            f"{' and '.join(SUPPORTED_ARCHITECTURES)} checkpoints"
-        )
+    from edgecm.families import family_for
+
+    family = family_for(raw, path)
 
     import transformers  # heavy import, only once a checkpoint is actually opened
 
@@ -232,30 +205,4 @@ def load_model_config(model_dir: Path) -> ModelConfig:
     if hf is None:
         raise EdgecmError(f"{path}: no model_type; re-copy the checkpoint's config.json")
 
-    if arch == "LlamaForCausalLM":
-        return ModelConfig(kind="llama", text=text_config_from_hf(hf, gen_eos))
-
-    feature_layer = hf.vision_feature_layer
-    if isinstance(feature_layer, list):
-        feature_layer = tuple(int(x) for x in feature_layer)
-    vision_model_type = getattr(hf.vision_config, "model_type", "")
-    if vision_model_type not in ("clip_vision_model", "clip"):
-        raise EdgecmError(
-            f"{path}: vision tower '{vision_model_type}' is not supported; edgecm runs CLIP vision towers (LLaVA-1.5)"
-        )
-    vision = VisionConfig(
-        clip=hf.vision_config.to_dict(),
-        feature_layer=feature_layer,
-        select_strategy=hf.vision_feature_select_strategy,
-        projector_act=getattr(hf, "projector_hidden_act", "gelu"),
-        projector_bias=bool(getattr(hf, "multimodal_projector_bias", True)),
-    )
-    image_token_id = getattr(hf, "image_token_id", None)
-    if image_token_id is None:
-        image_token_id = getattr(hf, "image_token_index", None)
-    return ModelConfig(
-        kind="llava",
-        text=text_config_from_hf(hf.text_config, gen_eos),
-        vision=vision,
-        image_token_id=int(image_token_id),
-    )
+    return family.parse_config(raw, hf, gen_eos, path)

@@ -82,7 +82,7 @@ def dense_references(engine, prompts: list, stop_ids: tuple[int, ...], max_new_t
     refs = []
     for prompt in prompts:
         r = engine.generate(prompt, _generation(max_new_tokens), stop_ids, sparsity=DENSE, collect_logits=True)
-        refs.append(Reference(prompt, r.token_ids, r.logits, r.timings["decode_tokens_per_s"]))
+        refs.append(Reference(prompt, r.token_ids, r.logits, r.timings.decode_tokens_per_s))
     return refs
 
 
@@ -111,7 +111,7 @@ def measure(engine, refs: list[Reference], settings: SparsitySettings, label: st
         positions += n
         fractions.append(r.neuron_fraction)
         if n > 1:
-            speeds.append(r.timings["decode_tokens_per_s"])
+            speeds.append(r.timings.decode_tokens_per_s)
     return Fidelity(
         setting=label,
         top1_agreement=agree / positions,

@@ -73,7 +73,7 @@ class GGUFSource:
             name = canonical_gguf_name(tensor.name)
             if name is not None:
                 self._tensors[name] = tensor
-        self.config = ModelConfig(kind="llama", text=self._text_config())
+        self.config = ModelConfig(family="llama", text=self._text_config())
 
     def _field(self, key: str, default=None):
         field = self._reader.fields.get(key)

@@ -32,6 +32,9 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 # Called with the FFN's down_proj input h = act(gate(x)) * up(x), shape (B, T, F).
 FFNObserver = Callable[[torch.Tensor], None]
+# Called with the rotary-embedded queries (B, H, T, D) and the layer's keys after the cache update
+# (B, Hkv, S, D): token-ranking rules that read attention (FastV) use the layer's own q and k.
+AttentionObserver = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -158,6 +161,7 @@ def attention(
     positions: torch.Tensor,
     cache: KVCache,
     layer: int,
+    observer: AttentionObserver | None = None,
 ) -> torch.Tensor:
     """Grouped-query self-attention over the cache's entries plus ``x``. x: (B, T, d)."""
     b, t, _ = x.shape
@@ -168,6 +172,8 @@ def attention(
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     had_entries = cache.length(layer) > 0
     keys, values, kv_positions = cache.update(layer, k, v, positions)
+    if observer is not None:
+        observer(q, keys)
     mask, causal = None, False
     if t > 1 and not had_entries:
         # Entries are in position order, so plain causal masking is exact even after compaction.
@@ -199,8 +205,10 @@ def decoder_layer(
     cache: KVCache,
     layer: int,
     observer: FFNObserver | None = None,
+    attention_observer: AttentionObserver | None = None,
 ) -> torch.Tensor:
     """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(.)). x: (B, T, d)."""
-    x = x + attention(rms_norm(x, w.input_norm, text.rms_norm_eps), w, text, cos, sin, positions, cache, layer)
+    normed = rms_norm(x, w.input_norm, text.rms_norm_eps)
+    x = x + attention(normed, w, text, cos, sin, positions, cache, layer, attention_observer)
     ffn_in = rms_norm(x, w.post_norm, text.rms_norm_eps)
     return x + feed_forward(ffn_in, w, activation(text.hidden_act), observer)

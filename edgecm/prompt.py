@@ -17,9 +17,6 @@ import torch
 from edgecm.checkpoint import Checkpoint
 from edgecm.errors import EdgecmError
 
-LLAVA_FALLBACK_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
-LLAVA_FALLBACK_TEXT_ONLY = "USER: {question} ASSISTANT:"
-
 
 @dataclass
 class Prompt:
@@ -58,6 +55,7 @@ class PromptBuilder:
         import transformers
 
         self.config = checkpoint.config
+        self.family = checkpoint.family
         src = checkpoint.tokenizer_source
         try:
             if self.config.is_multimodal:
@@ -100,16 +98,7 @@ class PromptBuilder:
                 return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             messages = [{"role": role, "content": text} for role, text in turns]
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        if not self.config.is_multimodal and len(turns) == 1:
-            return turns[0][1]
-        eos = self.tokenizer.eos_token or ""
-        parts = []
-        for i, (role, text) in enumerate(turns):
-            if role == "user":
-                parts.append("USER: " + ("<image>\n" if i == image_turn else "") + text + " ")
-            else:
-                parts.append("ASSISTANT: " + text + eos)
-        return "".join(parts) + "ASSISTANT:"
+        return self.family.fallback_prompt(turns, image_turn, self.tokenizer.eos_token or "")
 
     def build(self, question: str, image=None) -> Prompt:
         """Tokenise one turn; ``image`` is a PIL image or None."""
@@ -126,13 +115,7 @@ class PromptBuilder:
         if image is not None:
             enc = self.processor(images=image, text=text, return_tensors="pt", add_special_tokens=add_special)
             prompt = Prompt(enc["input_ids"], enc["pixel_values"], text, self.config.image_token_id)
-            expected = self.config.vision.tokens_per_image
-            found = int(prompt.image_positions.numel())
-            if found != expected:
-                raise EdgecmError(
-                    f"the processor produced {found} image tokens but the vision tower yields {expected}; "
-                    f"the checkpoint's processor files do not match its config.json"
-                )
+            self.family.check_prompt(self.config, prompt)
             return prompt
         enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=add_special)
         return Prompt(enc["input_ids"], None, text, self.config.image_token_id)

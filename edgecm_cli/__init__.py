@@ -386,14 +386,13 @@ def check_generation_flags(args: argparse.Namespace) -> None:
 def stats_line(result) -> str:
     """The one-line summary ``run`` prints after an answer."""
     t, m = result.timings, result.memory
-    device_peak = m["device_peak_allocated_bytes"]
-    peak_kind, peak = ("device peak", device_peak) if device_peak is not None else ("peak RSS", m["rss_peak_bytes"])
+    peak_kind, peak = m.peak
     return (
-        f"prefill {t['prefill_s'] + t['vision_s']:.2f} s ({result.prompt_tokens} tokens, "
-        f"kept {result.kept_image_tokens}/{result.image_tokens} image) | decode {t['decode_tokens_per_s']:.1f} tok/s "
+        f"prefill {t.time_to_answer_s:.2f} s ({result.prompt_tokens} tokens, "
+        f"kept {result.kept_image_tokens}/{result.image_tokens} image) | decode {t.decode_tokens_per_s:.1f} tok/s "
         f"({len(result.token_ids)} tokens, {result.neuron_fraction:.0%} FFN neurons) | "
-        f"KV {format_bytes(m['kv_cache_bytes'])} ({max(result.kv_cache_tokens)} tokens) | "
-        f"{peak_kind} {format_bytes(peak)} | {m['plan']} (budget {format_bytes(m['budget_bytes'])})"
+        f"KV {format_bytes(m.kv_cache_bytes)} ({max(result.kv_cache_tokens)} tokens) | "
+        f"{peak_kind} {format_bytes(peak)} | {m.plan} (budget {format_bytes(m.budget_bytes)})"
     )
 
 
@@ -443,25 +442,14 @@ def result_record(loaded: Loaded, result, text: str) -> dict:
     """The machine-readable account of one answer (run --json, and the base of a caption line)."""
     return {
         "text": text,
-        "token_ids": result.token_ids,
-        "prompt_tokens": result.prompt_tokens,
-        "image_tokens": result.image_tokens,
-        "stop_reason": result.stop_reason,
-        "timings": result.timings,
-        "memory": result.memory,
+        **result.to_json(),
         "model": loaded.model_name,
         "device": str(loaded.engine.device),
         "dtype": str(loaded.engine.dtype).replace("torch.", ""),
         "settings": asdict(loaded.generation),
         "sparsity": loaded.sparsity.to_json(),
         "calibrated": loaded.calibration is not None,
-        "kept_image_tokens": result.kept_image_tokens,
-        "kv_cache_tokens": result.kv_cache_tokens,
-        "kv_cache_bytes": result.memory["kv_cache_bytes"],
-        "core_neurons": result.core_neurons,
-        "ffn_width": loaded.checkpoint.config.text.intermediate_size,
         "quant": loaded.engine.quant,
-        "telemetry": result.telemetry,
     }
 
 

@@ -128,8 +128,8 @@ def caption_one(loaded, path: Path, prompt_text: str) -> dict:
         "caption": loaded.builder.decode(result.token_ids).strip(),
         "kept_image_tokens": result.kept_image_tokens,
         "image_tokens": result.image_tokens,
-        "prefill_s": round(result.timings["prefill_s"] + result.timings["vision_s"], 4),
-        "decode_tokens_per_s": round(result.timings["decode_tokens_per_s"], 2),
+        "prefill_s": round(result.timings.time_to_answer_s, 4),
+        "decode_tokens_per_s": round(result.timings.decode_tokens_per_s, 2),
         "settings": settings,
     }
 

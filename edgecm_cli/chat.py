@@ -10,6 +10,7 @@ leaves. Each turn runs prefill over the whole conversation so far.
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 import signal
 import time
 
@@ -53,13 +54,13 @@ class Chat:
         last = self.last
         if last is not None:
             t = last.timings
-            grid.add_row("KV cache", f"{format_bytes(last.memory['kv_cache_bytes'])} ({max(last.kv_cache_tokens)} tokens)")
+            grid.add_row("KV cache", f"{format_bytes(last.memory.kv_cache_bytes)} ({max(last.kv_cache_tokens)} tokens)")
             grid.add_row("image tokens", f"kept {last.kept_image_tokens} of {last.image_tokens}")
             grid.add_row("FFN neurons", f"{last.neuron_fraction:.0%} in decode")
-            grid.add_row("last turn", f"prefill {t['prefill_s'] + t['vision_s']:.2f} s, decode {t['decode_tokens_per_s']:.1f} tok/s")
+            grid.add_row("last turn", f"prefill {t.time_to_answer_s:.2f} s, decode {t.decode_tokens_per_s:.1f} tok/s")
             m = last.memory
-            grid.add_row("plan", f"{m['plan']} under {format_bytes(m['budget_bytes'])}, "
-                         f"decode set {format_bytes(m['decode_set_bytes'] + m['kept_layer_bytes'])} on the device")
+            grid.add_row("plan", f"{m.plan} under {format_bytes(m.budget_bytes)}, "
+                         f"decode set {format_bytes(m.decode_set_bytes + m.kept_layer_bytes)} on the device")
         image = self.image_path or "none"
         return Panel(grid, title=f"edgecm · {self.loaded.model_name} · image: {image}", border_style="blue", expand=False)
 
@@ -110,19 +111,19 @@ class Chat:
             return
         r = self.last
         table = Table(title="last answer", show_header=False)
-        for key, value in r.timings.items():
+        for key, value in asdict(r.timings).items():
             if isinstance(value, dict):  # per-token latency summary
                 table.add_row(key, ", ".join(f"{k} {v:.1f}" for k, v in value.items()))
             elif isinstance(value, list):  # per-layer seconds
                 table.add_row(key, " ".join(f"{v * 1000:.0f}" for v in value) + " ms")
             else:
                 table.add_row(key, f"{value:.3f}" if key.endswith("_s") else f"{value:.1f}")
-        for key, value in r.memory.items():
+        for key, value in asdict(r.memory).items():
             if key.endswith("_bytes"):
                 table.add_row(key, format_bytes(value))
             else:
                 table.add_row(key, str(value))
-        nvml = r.telemetry.get("nvml", {})
+        nvml = r.telemetry.nvml
         if nvml.get("available"):
             table.add_row("GPU", f"{nvml['name']}, {nvml.get('gpu_utilization_percent')} % busy, "
                           f"{nvml.get('power_watts')} W")

@@ -39,20 +39,24 @@ def model_view(pixel_values: torch.Tensor, processor) -> "Image.Image":
     return Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
 
 
-def draw_patches(view, grid: int, kept: set[int]):
-    """The model view, scaled, with dropped patches dimmed and kept ones framed. Returns (image, frames drawn)."""
+def draw_patches(view, grid: tuple[int, int], kept: set[int]):
+    """The model view, scaled, with dropped patches dimmed and kept ones framed. Returns (image, frames drawn).
+
+    ``grid`` is (rows, columns) of image tokens over the view, as the model's family lays them out.
+    """
     from PIL import Image, ImageDraw
 
-    size = view.width * PATCH_SCALE
-    bright = view.resize((size, size), Image.NEAREST)
+    rows, cols = grid
+    width, height = view.width * PATCH_SCALE, view.height * PATCH_SCALE
+    bright = view.resize((width, height), Image.NEAREST)
     dim = Image.eval(bright, lambda v: int(v * DIM))
-    cell = size / grid
+    cell_w, cell_h = width / cols, height / rows
     canvas = dim.copy()
     draw = ImageDraw.Draw(canvas)
     frames = 0
     for index in sorted(kept):
-        row, col = divmod(index, grid)
-        box = (round(col * cell), round(row * cell), round((col + 1) * cell), round((row + 1) * cell))
+        row, col = divmod(index, cols)
+        box = (round(col * cell_w), round(row * cell_h), round((col + 1) * cell_w), round((row + 1) * cell_h))
         canvas.paste(bright.crop(box), box[:2])
         draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), outline=KEPT_FRAME, width=2)
         frames += 1
@@ -105,7 +109,7 @@ def charts(scores: torch.Tensor, kept: int, core_neurons: list[int], width: int,
     return Image.open(buffer).convert("RGB")
 
 
-def render(path: Path, view, grid: int, result, settings, question: str, answer: str, width: int) -> int:
+def render(path: Path, view, grid: tuple[int, int], result, settings, question: str, answer: str, width: int) -> int:
     """Write the picture; returns how many patches were drawn as kept."""
     from PIL import Image, ImageDraw
 
@@ -147,13 +151,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     image = load_image(args.image)
     loaded = load_model(args)
     if not loaded.checkpoint.config.is_multimodal:
-        raise EdgecmError("show needs a LLaVA checkpoint: a text-only model has no image tokens")
+        raise EdgecmError("show needs a vision-language checkpoint: a text-only model has no image tokens")
     prompt = loaded.builder.build(args.question, image)
     result = loaded.engine.generate(prompt, loaded.generation, loaded.builder.stop_token_ids, sparsity=loaded.sparsity)
-    vision = loaded.checkpoint.config.vision
-    grid = vision.image_size // vision.patch_size
-    if result.image_tokens != grid * grid:
-        raise EdgecmError(f"the image has {result.image_tokens} tokens, not a {grid}x{grid} patch grid; show needs one token per patch")
+    rows, cols = grid = loaded.checkpoint.family.patch_grid(loaded.checkpoint.config, prompt)
+    if result.image_tokens != rows * cols:
+        raise EdgecmError(f"the image has {result.image_tokens} tokens, not a {rows}x{cols} patch grid; show needs one token per patch")
     answer = loaded.builder.decode(result.token_ids).strip()
     width = loaded.checkpoint.config.text.intermediate_size
     frames = render(out, model_view(prompt.pixel_values, loaded.builder.processor), grid, result, loaded.sparsity, args.question, answer, width)

@@ -27,12 +27,13 @@ from edgecm.kv_cache import KVCache
 from edgecm.model import LayerWeights, decoder_layer, rms_norm
 from edgecm.prompt import Prompt
 from edgecm.quant import check_supported, linear
-from edgecm.rope import Rotary, apply_rotary
+from edgecm.rope import Rotary
 from edgecm.sampling import SamplingSettings, next_token
 from edgecm.sparsity import DENSE, SparsitySettings
-from edgecm.vision import VisionEncoder
-from runtime.budget import Ledger, detect_profile, enforce, out_of_memory_message, resolve_budget
+from runtime.budget import detect_profile, enforce, out_of_memory_message, resolve_budget
+from runtime.placement import DecodePlacement
 from runtime.planner import Plan, Workload, make_plan, model_sizes
+from runtime.results import GenerationResult, MemoryReport, Telemetry, Timings
 from runtime.streamer import LayerStreamer
 from runtime.telemetry import LayerTimer, PeakRSS, Spans, device_memory, latency_summary, nvml_snapshot
 
@@ -73,35 +74,12 @@ class PrefillOutcome:
     """What one prefill decided: the logits of the next token and what decode runs on."""
 
     logits: torch.Tensor  # (V,) float32, for the token after the prompt
-    decode_layers: dict[int, LayerWeights]  # the decode set placed on the device
-    held_layers: dict[int, LayerWeights]  # core-neuron slices that did not fit: host memory, streamed per token
+    placement: DecodePlacement  # where each layer's decode weights live
     kept_positions: torch.Tensor  # positions present after layer K (text + kept image tokens)
     image_tokens: int
     kept_image_tokens: int
     core_neurons: list[int]  # per layer: neurons decode uses (the full width for a dense layer)
     selection: TokenSelection | None = None
-
-
-@dataclass
-class GenerationResult:
-    token_ids: list[int]
-    prompt_tokens: int
-    image_tokens: int
-    stop_reason: str  # "eos", "length" or "interrupted"
-    timings: dict[str, float]
-    memory: dict[str, int | None]
-    kept_image_tokens: int = 0
-    kv_cache_tokens: list[int] = field(default_factory=list)  # per layer, after generation
-    core_neurons: list[int] = field(default_factory=list)
-    selection: TokenSelection | None = None
-    logits: torch.Tensor | None = None  # (n, V) per generated position, when collected
-    ffn_width: int = 1
-    telemetry: dict = field(default_factory=dict)  # NVML snapshot and streaming statistics
-
-    @property
-    def neuron_fraction(self) -> float:
-        """The share of FFN neurons decode used, over all layers."""
-        return sum(self.core_neurons) / (self.ffn_width * len(self.core_neurons)) if self.core_neurons else 1.0
 
 
 TokenCallback = Callable[[int], None]
@@ -126,6 +104,7 @@ class Engine:
         prefetch: bool = True,
     ):
         self.checkpoint = checkpoint
+        self.family = checkpoint.family
         self.config = checkpoint.config
         self.text = checkpoint.config.text
         self.device = resolve_device(device)
@@ -183,7 +162,7 @@ class Engine:
     # -- building blocks -------------------------------------------------------------------------
 
     def embed(self, prompt: Prompt, spans: Spans | None = None) -> torch.Tensor:
-        """Token embeddings with projected image features placed at the image placeholder. -> (1, T, d)"""
+        """Token embeddings with the family's vision features placed at the image placeholders. -> (1, T, d)"""
         ids = prompt.input_ids.to(self.device)
         hidden = F.embedding(ids, self.embed_tokens)
         if prompt.pixel_values is None:
@@ -191,13 +170,13 @@ class Engine:
         if spans is None:
             spans = Spans(self.device)
         with spans.span("vision"):
-            encoder = VisionEncoder(self.checkpoint, self.device, self.dtype)
-            features = encoder.encode(prompt.pixel_values)  # (1, N, d)
-            del encoder  # the tower is used once per image; its memory goes back now
+            encoder = self.family.vision_encoder(self.checkpoint, self.device, self.dtype)
+            features = encoder.encode(prompt.pixel_values)  # (N, d), in prompt order
+            del encoder  # the encoder is used once per request; its memory goes back now
         mask = ids == self.config.image_token_id
-        if int(mask.sum()) != features.shape[0] * features.shape[1]:
+        if int(mask.sum()) != features.shape[0]:
             raise EdgecmError(
-                f"the prompt holds {int(mask.sum())} image tokens but the image gives {features.shape[1]} features; "
+                f"the prompt holds {int(mask.sum())} image tokens but the image gives {features.shape[0]} features; "
                 f"the processor and config.json disagree"
             )
         return hidden.masked_scatter(mask[..., None], features.to(hidden.dtype))
@@ -207,36 +186,24 @@ class Engine:
         hidden: torch.Tensor,
         positions: torch.Tensor,
         cache: KVCache,
-        resident_layers: dict[int, LayerWeights] | None = None,
-        held_layers: dict[int, LayerWeights] | None = None,
+        placement: DecodePlacement | None = None,
         phase: str = "decode",
     ) -> torch.Tensor:
         """All decoder layers over ``hidden`` (1, T, d) at absolute ``positions`` (T,).
 
-        A layer in ``resident_layers`` (the decode set on the device) is used as
-        is, one in ``held_layers`` is copied from host memory, any other is streamed from disk.
+        With a ``placement``, its decode set on the device is used as is, its
+        held slices are copied from host memory, and any other layer streams from disk.
         """
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
-        layers = self.streamer.stream(range(self.text.num_layers), resident_layers, held_layers)
-        for index, weights in layers:
+        on_device = placement.on_device if placement else None
+        on_host = placement.on_host if placement else None
+        for index, weights in self.streamer.stream(range(self.text.num_layers), on_device, on_host):
             with self.timer.layer(phase, index):
                 hidden = decoder_layer(hidden, weights, self.text, cos, sin, positions, cache, index)
             del weights
         return hidden
 
-    def _fastv(self, hidden: torch.Tensor, w: LayerWeights, cos, sin, image_rows: torch.Tensor) -> torch.Tensor:
-        """FastV's score at this layer: attention from the last prompt token to each image token, mean over heads."""
-        t = hidden.shape[1]
-        h, hkv, d = self.text.num_heads, self.text.num_kv_heads, self.text.head_dim
-        x = rms_norm(hidden, w.input_norm, self.text.rms_norm_eps)
-        q = linear(x[:, -1:], w.q, w.q_bias).view(1, 1, h, d).transpose(1, 2)
-        k = linear(x, w.k, w.k_bias).view(1, t, hkv, d).transpose(1, 2)
-        q, k = apply_rotary(q, cos[-1:], sin[-1:]), apply_rotary(k, cos, sin)
-        return fastv_scores(q[0, :, 0], k[0], h // hkv)[image_rows]
-
-    def prefill(
-        self, hidden: torch.Tensor, prompt: Prompt, sparsity: SparsitySettings, cache: KVCache
-    ) -> PrefillOutcome:
+    def prefill(self, hidden: torch.Tensor, prompt: Prompt, sparsity: SparsitySettings, cache: KVCache) -> PrefillOutcome:
         """Run the prompt through every layer, applying CoreMatching as ``sparsity`` says.
 
         Core neurons are counted from each layer's own FFN activations. At
@@ -246,36 +213,40 @@ class Engine:
         position is text in every supported template and is always kept.
         """
         text = self.text
-        positions = torch.arange(prompt.num_tokens, device=self.device)
+        positions = self.family.positions(prompt, self.device)
         image_rows = prompt.image_positions.to(self.device)
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
         prune_at = sparsity.prune_layer if sparsity.prunes_tokens and image_rows.numel() else None
         if prune_at is not None and prune_at >= text.num_layers:
             raise EdgecmError(f"--prune-layer {prune_at}: the model has layers 0..{text.num_layers - 1}")
         collect = sparsity.mode == "corematching"
-        place = self._placer()
-        decode_layers: dict[int, LayerWeights] = {}
-        held_layers: dict[int, LayerWeights] = {}
+        placement = DecodePlacement(self.last_plan, self.sizes, self.resident_sizes, self.streamer, self.device,
+                                    self._keep)
         core_counts: list[int] = []
         selection = None
         kept_image = int(image_rows.numel())
         for index, weights in self.streamer.stream(range(text.num_layers)):
+            at_k = index == prune_at
             stats = None
             if collect:
-                at_k = index == prune_at
                 stats = LayerActivationStats(
                     sparsity.rho, image_rows if at_k else None, frequency=at_k or sparsity.neurons.kind == "beta"
                 )
-            fastv = None
-            if index == prune_at and sparsity.token_rank == "fastv":
-                fastv = self._fastv(hidden, weights, cos, sin, image_rows)
+            attention_scores: list[torch.Tensor] = []
+            observe_attention = None
+            if at_k and sparsity.token_rank == "fastv":
+                groups = text.num_heads // text.num_kv_heads
+                # FastV: attention from the last prompt token, read off this layer's own queries and keys.
+                observe_attention = lambda q, keys: attention_scores.append(fastv_scores(q[0, :, -1], keys[0], groups))
             with self.timer.layer("prefill", index):
-                hidden = decoder_layer(hidden, weights, text, cos, sin, positions, cache, index, observer=stats)
+                hidden = decoder_layer(hidden, weights, text, cos, sin, positions, cache, index,
+                                       observer=stats, attention_observer=observe_attention)
             neurons = decode_neurons(stats, sparsity, index, text.intermediate_size) if collect else None
-            place(index, weights, neurons, decode_layers, held_layers)
+            placement.place(index, weights, neurons)
             core_counts.append(text.intermediate_size if neurons is None else int(neurons.numel()))
             del weights
-            if index == prune_at:
+            if at_k:
+                fastv = attention_scores[0][image_rows] if attention_scores else None
                 selection = select_image_tokens(sparsity, stats, fastv)
                 keep = self._kept_rows(prompt.num_tokens, image_rows, selection.keep.to(self.device))
                 kept_image = int(selection.keep.numel())
@@ -286,61 +257,13 @@ class Engine:
                         cache.prune(layer, keep)
         return PrefillOutcome(
             logits=self.head(hidden[:, -1])[0],
-            decode_layers=decode_layers,
-            held_layers=held_layers,
+            placement=placement,
             kept_positions=positions,
             image_tokens=int(image_rows.numel()),
             kept_image_tokens=kept_image,
             core_neurons=core_counts,
             selection=selection,
         )
-
-    def _placer(self):
-        """Decide, layer by layer as prefill finishes each, where its decode weights live.
-
-        Greedy against the budget's ledger, keeping back room for the KV cache,
-        the activations and two streaming slots: a layer's decode weights (its
-        core slice, or the whole layer if it stays dense) go to the device while
-        they fit. After that a slice waits in host memory (pinned on CUDA) and
-        streams each token; a dense layer is read from disk again. Kept layers
-        are already on the device and need nothing more.
-        """
-        r = self.resident_sizes
-        reserve = self.last_plan.reserve  # the planner's working set, so placement and plan agree
-        ledger = Ledger(usable=self.last_plan.usable)
-        ledger.commit(self.sizes.resident_always + len(self.streamer.kept) * r.layer)
-        keeping = self.streamer.keep_as is not None
-
-        def place(index, weights, neurons, on_device: dict, on_host: dict) -> None:
-            if neurons is None and index in self.streamer.kept:
-                return
-            decode = weights if neurons is None else weights.with_ffn_neurons(neurons.to(self.device))
-            width = self.text.intermediate_size if neurons is None else int(neurons.numel())
-            size = r.attention + r.norms + r.ffn * width // self.text.intermediate_size
-            if keeping or ledger.fits(size, reserve):
-                on_device[index] = self._keep(decode)
-                ledger.commit(size)
-            elif neurons is not None:
-                on_host[index] = decode.copied_to(torch.device("cpu"), pin=self.device.type == "cuda")
-
-        return place
-
-    def _decode_weights(self, outcome: PrefillOutcome, on_device_only: bool = False) -> dict[int, LayerWeights]:
-        """The weights decode uses for every layer not read from disk, by the streamer's precedence.
-
-        The decode set wins over a kept layer (it may be a slice), which wins over
-        a held slice. Held slices count as on the device only on CPU, where host
-        memory is the compute memory.
-        """
-        held = {} if on_device_only and self.device.type == "cuda" else outcome.held_layers
-        return {**held, **self.streamer.kept, **outcome.decode_layers}
-
-    def _decode_bytes_per_token(self, outcome: PrefillOutcome) -> int:
-        """Weight bytes one decode step reads: each layer as decode uses it, plus the final norm and LM head."""
-        used = self._decode_weights(outcome)
-        from_disk = (self.text.num_layers - len(used)) * self.sizes.layer  # streamed, in the compute dtype
-        head = sum(t.numel() * t.element_size() for t in (self.final_norm, self.lm_head))
-        return head + from_disk + sum(w.nbytes for w in used.values())
 
     def _kept_rows(self, length: int, image_rows: torch.Tensor, kept_image: torch.Tensor) -> torch.Tensor:
         """Sequence rows surviving layer K: every text row and the kept image rows, in order."""
@@ -359,7 +282,7 @@ class Engine:
     def forward(self, prompt: Prompt) -> torch.Tensor:
         """Logits for every prompt position, (1, T, V): the dense reference pass."""
         hidden = self.embed(prompt)
-        positions = torch.arange(prompt.num_tokens, device=self.device)
+        positions = self.family.positions(prompt, self.device)
         cache = KVCache(self.text.num_layers)
         return self.head(self.run_layers(hidden, positions, cache, phase="prefill"))
 
@@ -421,13 +344,14 @@ class Engine:
             with spans.span("prefill"):
                 outcome = self.prefill(hidden, prompt, sparsity, cache)
                 logits = outcome.logits
+            placement = outcome.placement
             prefill_stream = self.streamer.stats
             self.streamer.reset_counters()
-            if len(self._decode_weights(outcome, on_device_only=True)) == self.text.num_layers:
+            if placement.moves_no_weights():
                 self.streamer.release_slots()  # decode moves no weights: the slots' memory goes to the KV cache
             first_token_s = time.perf_counter() - started
-            # The next position is the unpruned prompt length, whatever the cache holds.
-            position = prompt.num_tokens
+            # The next position follows the unpruned prompt, whatever the cache holds.
+            position = self.family.next_position(prompt)
             with spans.span("decode"):
                 while True:
                     if collect_logits:
@@ -448,69 +372,74 @@ class Engine:
                         stop_reason = "interrupted"
                         break
                     step_started = time.perf_counter()
-                    ids = torch.tensor([[token]], device=self.device)
-                    step_positions = torch.tensor([position], device=self.device)
-                    hidden = self.run_layers(
-                        F.embedding(ids, self.embed_tokens), step_positions, cache,
-                        outcome.decode_layers, outcome.held_layers,
-                    )
-                    logits = self.head(hidden[:, -1])[0]
-                    logits[0].item()  # waits for the device, so the step's time is its real latency
+                    logits = self.decode_step(token, position, cache, placement)
                     token_seconds.append(time.perf_counter() - step_started)
                     position += 1
         decode_stream = self.streamer.stats
-        per_token = self._decode_bytes_per_token(outcome)
         decode_steps = max(len(tokens) - 1, 0)  # the first token came from the prefill logits
-        prefill_compute = self.timer.total("prefill")
-        prefill_exposed = max(spans.seconds["prefill"] - prefill_compute, 0.0)
-        timings = {
-            "vision_s": spans.seconds.get("vision", 0.0),
-            "prefill_s": spans.seconds["prefill"],
-            "prefill_compute_s": prefill_compute,
-            "prefill_transfer_s": prefill_stream.fetch_s,
-            "prefill_transfer_exposed_s": min(prefill_exposed, prefill_stream.fetch_s),
-            "prefill_transfer_hidden_s": max(prefill_stream.fetch_s - prefill_exposed, 0.0),
-            "prefill_layer_compute_s": self.timer.per_layer("prefill"),
-            "first_token_s": first_token_s,
-            "decode_s": spans.seconds["decode"],
-            "decode_transfer_s": decode_stream.fetch_s,
-            "decode_compute_s": self.timer.total("decode"),
-            "decode_tokens_per_s": decode_steps / spans.seconds["decode"] if decode_steps else 0.0,
-            "decode_token_latency": latency_summary(token_seconds),
-        }
-        plan = self.last_plan
-        memory = {
-            "rss_start_bytes": rss.start_bytes,
-            "rss_peak_bytes": rss.peak_bytes,
-            "kv_cache_bytes": cache.nbytes(),
-            "decode_set_bytes": sum(w.nbytes for w in outcome.decode_layers.values()),
-            "decode_set_host_bytes": sum(w.nbytes for w in outcome.held_layers.values()),
-            "kept_layer_bytes": sum(w.nbytes for w in self.streamer.kept.values()),
-            "decode_layers_on_device": len(self._decode_weights(outcome, on_device_only=True)),
-            "decode_weight_bytes_per_token": per_token,
-            "weights_read_bytes": prefill_stream.bytes_read + decode_stream.bytes_read,
-            "decode_weights_read_bytes": decode_stream.bytes_read,
-            "decode_weights_copied_bytes": decode_stream.bytes_copied,
-            "budget_bytes": self.budget,
-            "plan_peak_bytes": plan.peak_bytes,
-            "plan": "all layers kept" if plan.layers_resident else (
-                "decode set resident" if plan.decode_resident else "decode set streams"
-            ),
-            **device_memory(self.device),
-        }
         return GenerationResult(
-            telemetry={"nvml": nvml_snapshot(self.device), "stream_prefill": prefill_stream.to_json(),
-                       "stream_decode": decode_stream.to_json()},
             token_ids=tokens,
             prompt_tokens=prompt.num_tokens,
             image_tokens=outcome.image_tokens,
             stop_reason=stop_reason,
-            timings=timings,
-            memory=memory,
+            timings=self._timings(spans, prefill_stream, decode_stream, first_token_s, token_seconds, decode_steps),
+            memory=self._memory_report(rss, cache, placement, prefill_stream, decode_stream),
+            telemetry=Telemetry(nvml_snapshot(self.device), prefill_stream, decode_stream),
             kept_image_tokens=outcome.kept_image_tokens,
             kv_cache_tokens=[cache.length(i) for i in range(self.text.num_layers)],
             core_neurons=outcome.core_neurons,
             selection=outcome.selection,
             logits=torch.stack(step_logits) if collect_logits else None,
             ffn_width=self.text.intermediate_size,
+        )
+
+    def decode_step(self, token: int, position: int, cache: KVCache, placement: DecodePlacement) -> torch.Tensor:
+        """One new token through every layer at ``position`` -> the next token's logits (V,)."""
+        ids = torch.tensor([[token]], device=self.device)
+        positions = torch.tensor([position], device=self.device)
+        hidden = self.run_layers(F.embedding(ids, self.embed_tokens), positions, cache, placement)
+        logits = self.head(hidden[:, -1])[0]
+        logits[0].item()  # waits for the device, so the step's time is its real latency
+        return logits
+
+    # -- the records of one generation -----------------------------------------------------------
+
+    def _timings(self, spans, prefill_stream, decode_stream, first_token_s, token_seconds, decode_steps) -> Timings:
+        prefill_compute = self.timer.total("prefill")
+        prefill_exposed = max(spans.seconds["prefill"] - prefill_compute, 0.0)
+        return Timings(
+            vision_s=spans.seconds.get("vision", 0.0),
+            prefill_s=spans.seconds["prefill"],
+            prefill_compute_s=prefill_compute,
+            prefill_transfer_s=prefill_stream.fetch_s,
+            prefill_transfer_exposed_s=min(prefill_exposed, prefill_stream.fetch_s),
+            prefill_transfer_hidden_s=max(prefill_stream.fetch_s - prefill_exposed, 0.0),
+            prefill_layer_compute_s=self.timer.per_layer("prefill"),
+            first_token_s=first_token_s,
+            decode_s=spans.seconds["decode"],
+            decode_transfer_s=decode_stream.fetch_s,
+            decode_compute_s=self.timer.total("decode"),
+            decode_tokens_per_s=decode_steps / spans.seconds["decode"] if decode_steps else 0.0,
+            decode_token_latency=latency_summary(token_seconds),
+        )
+
+    def _memory_report(self, rss, cache, placement: DecodePlacement, prefill_stream, decode_stream) -> MemoryReport:
+        plan = self.last_plan
+        head_bytes = sum(t.numel() * t.element_size() for t in (self.final_norm, self.lm_head))
+        return MemoryReport(
+            rss_start_bytes=rss.start_bytes,
+            rss_peak_bytes=rss.peak_bytes,
+            kv_cache_bytes=cache.nbytes(),
+            decode_set_bytes=sum(w.nbytes for w in placement.on_device.values()),
+            decode_set_host_bytes=sum(w.nbytes for w in placement.on_host.values()),
+            kept_layer_bytes=sum(w.nbytes for w in self.streamer.kept.values()),
+            decode_layers_on_device=len(placement.decode_weights(on_device_only=True)),
+            decode_weight_bytes_per_token=placement.bytes_per_token(head_bytes),
+            weights_read_bytes=prefill_stream.bytes_read + decode_stream.bytes_read,
+            decode_weights_read_bytes=decode_stream.bytes_read,
+            decode_weights_copied_bytes=decode_stream.bytes_copied,
+            budget_bytes=self.budget,
+            plan_peak_bytes=plan.peak_bytes,
+            plan=plan.name,
+            **device_memory(self.device),
         )

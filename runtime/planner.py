@@ -25,7 +25,7 @@ from pathlib import Path
 
 from edgecm.config import ModelConfig
 from edgecm.errors import EdgecmError
-from edgecm.vision import feature_layers
+from edgecm.families import family_named
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "nf4": 0.5 + 4 / 64, "int8": 1 + 4 / 4096}
 # nf4: 4 bits + a float32 scale per block of 64; int8: a byte + a float32 scale per row (4096 wide for 7B)
@@ -93,7 +93,7 @@ class ModelSizes:
     embed: int
     head: int  # 0 when tied to the embedding
     final_norm: int
-    vision: int  # tower layers LLaVA reads + projector
+    vision: int  # the vision encoder as one request loads it (the family says what that is)
     kv_per_token: int  # keys + values, all layers, in the compute dtype
     hidden: int
     ffn_width: int
@@ -109,14 +109,6 @@ class ModelSizes:
         return self.embed + self.head + self.final_norm
 
 
-def _clip_params(clip: dict, layers: int) -> int:
-    h, i, p = int(clip["hidden_size"]), int(clip["intermediate_size"]), int(clip["patch_size"])
-    positions = (int(clip["image_size"]) // p) ** 2 + 1
-    embeddings = 3 * p * p * h + h + positions * h
-    per_layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 4 * h
-    return embeddings + 2 * h + layers * per_layer + 2 * h
-
-
 def model_sizes(config: ModelConfig, weight_dtype: str, compute_dtype: str | None = None) -> ModelSizes:
     t = config.text
     wb = DTYPE_BYTES[weight_dtype]
@@ -126,14 +118,9 @@ def model_sizes(config: ModelConfig, weight_dtype: str, compute_dtype: str | Non
     attention_bias = (q_out + 2 * kv_out) if t.attention_bias else 0
     ffn = 3 * t.hidden_size * t.intermediate_size
     ffn_bias = 2 * t.intermediate_size + t.hidden_size if t.mlp_bias else 0
-    vision = image_tokens = 0
-    if config.vision is not None:
-        v = config.vision
-        used, indices = feature_layers(v)
-        d_in = int(v.clip["hidden_size"]) * len(indices)
-        projector = d_in * t.hidden_size + t.hidden_size * t.hidden_size + 2 * t.hidden_size
-        vision = int((_clip_params(v.clip, used) + projector) * cb)
-        image_tokens = v.tokens_per_image
+    family = family_named(config.family)
+    vision = int(family.vision_bytes(config, cb))
+    image_tokens = family.image_tokens(config)
     return ModelSizes(
         num_layers=t.num_layers,
         attention=int(attention * wb + attention_bias * cb),
@@ -175,8 +162,19 @@ class Plan:
         return sum(self.phases[phase].values())
 
     @property
+    def name(self) -> str:
+        if self.layers_resident:
+            return "all layers kept"
+        return "decode set resident" if self.decode_resident else "decode set streams"
+
+    @property
     def peak_bytes(self) -> int:
         return max(self.peak(p) for p in self.phases)
+
+
+def decode_layer_bytes(s: ModelSizes, neuron_fraction: float) -> int:
+    """One layer as decode uses it: attention, norms and the kept share of the FFN (placement uses this too)."""
+    return s.attention + s.norms + int(neuron_fraction * s.ffn)
 
 
 def activation_bytes(tokens: int, s: ModelSizes, w: Workload) -> int:
@@ -199,8 +197,8 @@ def make_plan(
     early = min(w.prune_layer + 1, s.num_layers)  # layers 0..K hold every prompt token during prefill
     prefill_kv = s.kv_per_token // s.num_layers * (early * w.prompt_tokens + (s.num_layers - early) * kept)
     decode_kv = s.kv_per_token * (kept + w.new_tokens)
-    compact_layer = s.attention + s.norms + int(w.neuron_fraction * s.ffn)
-    decode_set = s.num_layers * (r.attention + r.norms + int(w.neuron_fraction * r.ffn))
+    compact_layer = decode_layer_bytes(s, w.neuron_fraction)
+    decode_set = s.num_layers * decode_layer_bytes(r, w.neuron_fraction)
     always = {"embedding + final norm + LM head": s.resident_always}
     phases = {}
     if s.vision:

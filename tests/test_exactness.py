@@ -117,7 +117,7 @@ LLAMA_VARIANTS = {
 def test_llama_matches_transformers(variant, build_llama):
     model_dir, reference = build_llama(**LLAMA_VARIANTS[variant])
     checkpoint = open_checkpoint(model_dir)
-    assert checkpoint.config.kind == "llama"
+    assert checkpoint.config.family == "llama"
     assert checkpoint.config.text.rope.rope_type == reference.config.rope_parameters["rope_type"]
     builder = PromptBuilder(checkpoint)
     prompt = builder.build("The quick brown fox jumps over the lazy dog and counts one, two, three.")
@@ -150,4 +150,4 @@ def test_cuda_runs_the_same_path(build_llava, image_path):
         theirs = reference(input_ids=prompt.input_ids, pixel_values=prompt.pixel_values).logits
     assert_logits_close(engine.forward(prompt).cpu(), theirs, CUDA_FP32_LOGIT_ATOL)
     result = engine.generate(prompt, GenerationSettings(max_new_tokens=8, stop_at_eos=False))
-    assert len(result.token_ids) == 8 and result.memory["device_peak_allocated_bytes"] > 0
+    assert len(result.token_ids) == 8 and result.memory.device_peak_allocated_bytes > 0

@@ -51,7 +51,7 @@ def test_sizes_match_the_checkpoint_and_the_engine(build_llava, image_path):
 
     prompt = PromptBuilder(checkpoint).build("What is shown?", load_image(image_path))
     result = Engine(checkpoint).generate(prompt, GenerationSettings(max_new_tokens=4, stop_at_eos=False))
-    assert result.memory["kv_cache_bytes"] == sizes.kv_per_token * (prompt.num_tokens + 3)
+    assert result.memory.kv_cache_bytes == sizes.kv_per_token * (prompt.num_tokens + 3)
 
 
 def test_decode_residency_follows_the_budget():

@@ -75,11 +75,11 @@ def test_residency_follows_the_budget_and_never_the_answer(llava, sparsity):
     tight = Engine(checkpoint, budget=str(smallest_budget(checkpoint, prompt, sparsity))).generate(
         prompt, SETTINGS, collect_logits=True, sparsity=sparsity
     )
-    assert roomy.memory["plan"] == "all layers kept"
-    assert roomy.memory["decode_weights_read_bytes"] == 0  # decode moved no weights
-    assert tight.memory["plan"] == "decode set streams"
+    assert roomy.memory.plan == "all layers kept"
+    assert roomy.memory.decode_weights_read_bytes == 0  # decode moved no weights
+    assert tight.memory.plan == "decode set streams"
     if sparsity is DENSE:
-        assert tight.memory["decode_weights_read_bytes"] > 0  # dense layers came from disk again for each token
+        assert tight.memory.decode_weights_read_bytes > 0  # dense layers came from disk again for each token
     assert tight.token_ids == roomy.token_ids
     assert torch.allclose(tight.logits, roomy.logits, atol=1e-5)
 
@@ -89,8 +89,8 @@ def test_later_prompts_read_nothing_when_the_model_is_kept(llava):
     engine = Engine(checkpoint)
     first = engine.generate(prompt, SETTINGS)
     second = engine.generate(prompt, SETTINGS)
-    assert first.memory["weights_read_bytes"] > 0
-    assert second.memory["weights_read_bytes"] == 0
+    assert first.memory.weights_read_bytes > 0
+    assert second.memory.weights_read_bytes == 0
     assert second.token_ids == first.token_ids
 
 
@@ -134,7 +134,7 @@ def test_quantised_decode_set_is_smaller_and_close(llava, kind):
     quant = Engine(checkpoint, quant=kind).generate(
         prompt, SETTINGS, collect_logits=True, sparsity=CORE, forced_tokens=dense.token_ids
     )
-    assert quant.memory["decode_set_bytes"] < 0.6 * dense.memory["decode_set_bytes"]
+    assert quant.memory.decode_set_bytes < 0.6 * dense.memory.decode_set_bytes
     cosine = torch.nn.functional.cosine_similarity(quant.logits, dense.logits, dim=-1)
     assert cosine.min() > 0.95, cosine
 
@@ -159,12 +159,12 @@ def test_telemetry_reports_what_it_can_without_a_gpu(llava):
     result = Engine(checkpoint, budget=str(smallest_budget(checkpoint, prompt))).generate(prompt, SETTINGS)
     t = result.timings
     layers = checkpoint.config.text.num_layers
-    assert len(t["prefill_layer_compute_s"]) == layers and all(s > 0 for s in t["prefill_layer_compute_s"])
-    assert t["prefill_compute_s"] <= t["prefill_s"]
-    assert t["prefill_transfer_hidden_s"] + t["prefill_transfer_exposed_s"] == pytest.approx(t["prefill_transfer_s"])
-    latency = t["decode_token_latency"]
+    assert len(t.prefill_layer_compute_s) == layers and all(s > 0 for s in t.prefill_layer_compute_s)
+    assert t.prefill_compute_s <= t.prefill_s
+    assert t.prefill_transfer_hidden_s + t.prefill_transfer_exposed_s == pytest.approx(t.prefill_transfer_s)
+    latency = t.decode_token_latency
     assert 0 < latency["p50_ms"] <= latency["p90_ms"] <= latency["max_ms"]
-    assert result.telemetry["stream_decode"]["layers"] == layers * (SETTINGS.max_new_tokens - 1)
+    assert result.telemetry.stream_decode.layers == layers * (SETTINGS.max_new_tokens - 1)
 
 
 def test_latency_summary_and_layer_timer():
@@ -190,8 +190,8 @@ def test_cuda_streaming_with_prefetch_matches_cpu(llava):
         prompt, SETTINGS, collect_logits=True, sparsity=CORE, forced_tokens=cpu.token_ids
     )
     assert torch.allclose(cuda.logits, cpu.logits, atol=1e-3)
-    assert cuda.telemetry["nvml"]["available"] and cuda.memory["device_peak_allocated_bytes"] > 0
-    assert cuda.telemetry["stream_prefill"]["bytes_copied"] > 0
+    assert cuda.telemetry.nvml["available"] and cuda.memory.device_peak_allocated_bytes > 0
+    assert cuda.telemetry.stream_prefill.bytes_copied > 0
 
 
 @pytest.mark.gpu

@@ -89,8 +89,8 @@ MEASURE = textwrap.dedent(
     engine = Engine(checkpoint, budget=budget)
     result = engine.generate(prompt, settings)
     mem = result.memory
-    print(json.dumps({"growth": mem["rss_peak_bytes"] - mem["rss_start_bytes"], "read": mem["weights_read_bytes"],
-                      "plan": mem["plan"]}))
+    print(json.dumps({"growth": mem.rss_peak_bytes - mem.rss_start_bytes, "read": mem.weights_read_bytes,
+                      "plan": mem.plan}))
     """
 )
 

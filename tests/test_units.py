@@ -8,7 +8,7 @@ import struct
 import pytest
 import torch
 
-from edgecm.checkpoint import canonical_name
+from edgecm.families import family_named
 from edgecm.errors import EdgecmError
 from edgecm.kv_cache import KVCache
 from edgecm.safetensors_source import read_header
@@ -16,22 +16,24 @@ from edgecm.sampling import SamplingSettings, next_token
 
 
 @pytest.mark.parametrize(
-    "stored, canonical",
+    "family, stored, canonical",
     [
-        ("language_model.model.layers.3.mlp.up_proj.weight", "layers.3.mlp.up_proj.weight"),
-        ("model.language_model.layers.3.mlp.up_proj.weight", "layers.3.mlp.up_proj.weight"),
-        ("model.layers.3.mlp.up_proj.weight", "layers.3.mlp.up_proj.weight"),
-        ("language_model.lm_head.weight", "lm_head.weight"),
-        ("lm_head.weight", "lm_head.weight"),
-        ("language_model.model.embed_tokens.weight", "embed_tokens.weight"),
-        ("vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight", "vision_tower.encoder.layers.0.mlp.fc1.weight"),
-        ("model.vision_tower.encoder.layers.0.mlp.fc1.weight", "vision_tower.encoder.layers.0.mlp.fc1.weight"),
-        ("multi_modal_projector.linear_1.bias", "multi_modal_projector.linear_1.bias"),
-        ("model.multi_modal_projector.linear_1.bias", "multi_modal_projector.linear_1.bias"),
+        ("llava", "language_model.model.layers.3.mlp.up_proj.weight", "layers.3.mlp.up_proj.weight"),
+        ("llava", "model.language_model.layers.3.mlp.up_proj.weight", "layers.3.mlp.up_proj.weight"),
+        ("llama", "model.layers.3.mlp.up_proj.weight", "layers.3.mlp.up_proj.weight"),
+        ("llava", "language_model.lm_head.weight", "lm_head.weight"),
+        ("llava", "lm_head.weight", "lm_head.weight"),
+        ("llama", "lm_head.weight", "lm_head.weight"),
+        ("llava", "language_model.model.embed_tokens.weight", "embed_tokens.weight"),
+        ("llava", "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
+         "vision_tower.encoder.layers.0.mlp.fc1.weight"),
+        ("llava", "model.vision_tower.encoder.layers.0.mlp.fc1.weight", "vision_tower.encoder.layers.0.mlp.fc1.weight"),
+        ("llava", "multi_modal_projector.linear_1.bias", "multi_modal_projector.linear_1.bias"),
+        ("llava", "model.multi_modal_projector.linear_1.bias", "multi_modal_projector.linear_1.bias"),
     ],
 )
-def test_canonical_names_for_every_layout(stored, canonical):
-    assert canonical_name(stored) == canonical
+def test_canonical_names_for_every_layout(family, stored, canonical):
+    assert family_named(family).canonical_name(stored) == canonical
 
 
 def test_kv_cache_appends_grows_and_compacts():

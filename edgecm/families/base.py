@@ -1,0 +1,124 @@
+"""What a model family states about itself, and the defaults that plain decoders share.
+
+A family is everything that differs between model architectures around a
+LLaMA-style decoder: how its config.json reads, what its tensors are called
+in each key layout it is published in, its vision encoder, how a prompt with
+an image is built and checked, the position ids the decoder sees, what its
+vision side costs the planner and the patch grid ``show`` draws. The engine,
+the streamer, the KV cache, CoreMatching and the planner ask the family and
+never look at an architecture name themselves.
+
+Each family is one module under ``edgecm/families/`` holding one ``Family``
+subclass, listed in the registry (``edgecm/families/__init__.py``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from edgecm.errors import EdgecmError
+
+if TYPE_CHECKING:
+    from edgecm.checkpoint import Checkpoint
+    from edgecm.config import ModelConfig
+    from edgecm.prompt import Prompt
+
+# The decoder tensors every family's checkpoint must hold for each layer (canonical names).
+LAYER_TENSORS = (
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+)
+
+
+class VisionEncoder(Protocol):
+    """Loaded from a checkpoint, run once per request, freed with ``del``."""
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values as the family's processor gives them -> features (N, d_text), in prompt order."""
+
+
+class Family:
+    """The base family: a text-only LLaMA-style decoder with 1-D positions and no vision side."""
+
+    name = "base"
+    architectures: tuple[str, ...] = ()
+    model_types: tuple[str, ...] = ()  # recognised when config.json has no ``architectures``
+    # (stored prefix, canonical replacement), first match wins: specific prefixes before generic ones.
+    prefix_rules: tuple[tuple[str, str], ...] = (("model.", ""), ("", ""))
+    # Without a chat template, a one-turn text prompt is the question alone (a completion prompt).
+    plain_single_turn = True
+
+    # -- config -------------------------------------------------------------------------------
+
+    def parse_config(self, raw: dict[str, Any], hf: Any, generation_eos: Any, path: Path) -> "ModelConfig":
+        raise NotImplementedError
+
+    # -- tensors ------------------------------------------------------------------------------
+
+    def canonical_name(self, stored: str) -> str:
+        """A stored tensor name in any of this family's key layouts -> edgecm's canonical name."""
+        for prefix, replacement in self.prefix_rules:
+            if stored.startswith(prefix):
+                return replacement + stored[len(prefix):]
+        return stored
+
+    def required_tensors(self, config: "ModelConfig") -> list[str]:
+        text = config.text
+        names = ["embed_tokens.weight", "norm.weight"]
+        if not text.tie_word_embeddings:
+            names.append("lm_head.weight")
+        for i in range(text.num_layers):
+            names += [f"layers.{i}.{n}" for n in LAYER_TENSORS]
+        return names
+
+    # -- vision -------------------------------------------------------------------------------
+
+    def vision_encoder(self, checkpoint: "Checkpoint", device: torch.device, dtype: torch.dtype) -> VisionEncoder:
+        raise EdgecmError(f"{checkpoint.path}: a text-only model cannot take an image; drop --image")
+
+    def vision_bytes(self, config: "ModelConfig", compute_bytes: int) -> int:
+        """Bytes of the vision encoder (as loaded for one request) in the compute dtype."""
+        return 0
+
+    def image_tokens(self, config: "ModelConfig") -> int:
+        """Image tokens of one image at the processor's default size (what the planner plans for)."""
+        return 0
+
+    # -- prompts and positions ----------------------------------------------------------------
+
+    def fallback_prompt(self, turns: list[tuple[str, str]], image_turn: int | None, eos: str) -> str:
+        """The prompt for a checkpoint without a chat template: LLaVA-1.5's ``USER: ... ASSISTANT:``."""
+        if self.plain_single_turn and len(turns) == 1:
+            return turns[0][1]
+        parts = []
+        for i, (role, text) in enumerate(turns):
+            if role == "user":
+                parts.append("USER: " + ("<image>\n" if i == image_turn else "") + text + " ")
+            else:
+                parts.append("ASSISTANT: " + text + eos)
+        return "".join(parts) + "ASSISTANT:"
+
+    def check_prompt(self, config: "ModelConfig", prompt: "Prompt") -> None:
+        """Raise if the processor's placeholder expansion disagrees with what the encoder will give."""
+
+    def positions(self, prompt: "Prompt", device: torch.device) -> torch.Tensor:
+        """Rotary position ids of the prompt tokens: (T,) for 1-D rope."""
+        return torch.arange(prompt.num_tokens, device=device)
+
+    def next_position(self, prompt: "Prompt") -> int:
+        """The position of the first generated token (then +1 per token)."""
+        return prompt.num_tokens
+
+    def patch_grid(self, config: "ModelConfig", prompt: "Prompt") -> tuple[int, int]:
+        """(rows, columns) of image tokens over the image as the processor resized it, for ``show``."""
+        raise EdgecmError("this model has no vision side")

@@ -1,0 +1,77 @@
+"""Where the decode set lives: placed layer by layer as prefill finishes each, against the plan.
+
+Greedy against the budget's ledger, keeping back the planner's working set
+(KV cache, activations, two streaming slots): a layer's decode weights (its
+core slice, or the whole layer if it stays dense) go to the device while they
+fit. After that a slice waits in host memory (pinned on CUDA) and streams
+each token; a dense layer is read from disk again. Layers the streamer keeps
+after their first use are already on the device and need nothing more.
+Sizes come from the planner's own formula (``decode_layer_bytes``), so the
+plan and the placement cannot disagree.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from edgecm.model import LayerWeights
+from runtime.budget import Ledger
+from runtime.planner import ModelSizes, Plan, decode_layer_bytes
+from runtime.streamer import LayerStreamer
+
+
+class DecodePlacement:
+    """The decode weights of one request: ``on_device`` (the decode set) and ``on_host`` (held slices)."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        sizes: ModelSizes,
+        resident_sizes: ModelSizes,
+        streamer: LayerStreamer,
+        device: torch.device,
+        keep: Callable[[LayerWeights], LayerWeights],
+    ):
+        self.sizes, self.resident_sizes = sizes, resident_sizes
+        self.streamer, self.device, self.keep = streamer, device, keep
+        self.reserve = plan.reserve
+        self.ledger = Ledger(usable=plan.usable)
+        self.ledger.commit(sizes.resident_always + len(streamer.kept) * resident_sizes.layer)
+        self.keeping_all = streamer.keep_as is not None
+        self.on_device: dict[int, LayerWeights] = {}
+        self.on_host: dict[int, LayerWeights] = {}
+
+    def place(self, index: int, weights: LayerWeights, neurons: torch.Tensor | None) -> None:
+        """Layer ``index`` is done with prefill: keep what decode needs of it (``neurons``: its core slice)."""
+        if neurons is None and index in self.streamer.kept:
+            return
+        decode = weights if neurons is None else weights.with_ffn_neurons(neurons.to(self.device))
+        fraction = 1.0 if neurons is None else int(neurons.numel()) / self.sizes.ffn_width
+        size = decode_layer_bytes(self.resident_sizes, fraction)
+        if self.keeping_all or self.ledger.fits(size, self.reserve):
+            self.on_device[index] = self.keep(decode)
+            self.ledger.commit(size)
+        elif neurons is not None:
+            self.on_host[index] = decode.copied_to(torch.device("cpu"), pin=self.device.type == "cuda")
+
+    def decode_weights(self, on_device_only: bool = False) -> dict[int, LayerWeights]:
+        """The weights decode uses for every layer not read from disk, by the streamer's precedence.
+
+        The decode set wins over a kept layer (it may be a slice), which wins over
+        a held slice. Held slices count as on the device only on CPU, where host
+        memory is the compute memory.
+        """
+        held = {} if on_device_only and self.device.type == "cuda" else self.on_host
+        return {**held, **self.streamer.kept, **self.on_device}
+
+    def moves_no_weights(self) -> bool:
+        """Every layer's decode weights are on the device: decode needs no streaming slots."""
+        return len(self.decode_weights(on_device_only=True)) == self.sizes.num_layers
+
+    def bytes_per_token(self, head_bytes: int) -> int:
+        """Weight bytes one decode step reads: each layer as decode uses it, plus the final norm and LM head."""
+        used = self.decode_weights()
+        from_disk = (self.sizes.num_layers - len(used)) * self.sizes.layer  # streamed, in the compute dtype
+        return head_bytes + from_disk + sum(w.nbytes for w in used.values())
