@@ -1,0 +1,66 @@
+"""The shapes world: deterministic per seed, ground truth consistent with what is drawn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgecm import scenes
+
+
+def test_a_seed_names_one_scene_exactly():
+    a, b = scenes.make_scene(42), scenes.make_scene(42)
+    assert a == b and a.questions() == b.questions()
+    assert np.array_equal(np.asarray(a.render()), np.asarray(b.render()))
+    other = scenes.make_scene(43)
+    assert other != a
+    assert not np.array_equal(np.asarray(other.render()), np.asarray(a.render()))
+
+
+@pytest.mark.parametrize("seed", range(0, 400, 7))
+def test_ground_truth_matches_the_scene(seed):
+    scene = scenes.make_scene(seed)
+    objs = scene.objects
+    assert 1 <= len(objs) <= scenes.MAX_OBJECTS
+    for i, a in enumerate(objs):
+        for b in objs[i + 1:]:  # apart: no object hides another
+            assert np.hypot(a.cx - b.cx, a.cy - b.cy) > (a.extent + b.extent) / 2
+    by_kind = {}
+    for q in scene.questions():
+        by_kind.setdefault(q.kind, []).append(q)
+    assert by_kind["count"][0].answer == scenes.NUMBER_WORDS[len(objs)]
+    for q in by_kind.get("colour", []):
+        shape = q.text.split()[-1].rstrip("?")
+        assert [o.colour for o in objs if o.shape == shape] == [q.answer]
+    for q in by_kind["presence"]:
+        name = q.text.removeprefix("Is there ").removesuffix("?").split(" ", 1)[1]
+        assert (q.answer == "yes") == any(o.name == name for o in objs)
+    for q in by_kind.get("position", []):
+        obj = next(o for o in objs if o.name in q.text)
+        coord = obj.cx if "left" in q.text else obj.cy
+        assert (coord < scenes.IMAGE_SIZE / 2) == (q.answer in ("left", "top"))
+    assert scenes.answer_is_correct(by_kind["caption"][0], scene.caption)
+
+
+def test_objects_cover_a_small_share_of_the_image():
+    """Most patches are background, as in photos: the answer lives in a few tokens."""
+    covered = []
+    for seed in range(50):
+        scene = scenes.make_scene(seed)
+        covered.append(sum(o.extent ** 2 for o in scene.objects) / scenes.IMAGE_SIZE ** 2)
+    assert max(covered) < 0.25 and np.mean(covered) < 0.1
+
+
+def test_background_patches_are_not_identical():
+    pixels = np.asarray(scenes.make_scene(3).render(), dtype=np.int16)
+    corner_a, corner_b = pixels[:16, :16], pixels[-16:, -16:]
+    assert not np.array_equal(corner_a, corner_b) and corner_a.std() > 1
+
+
+def test_answers_are_compared_as_a_person_would():
+    q = scenes.Question("colour", "What colour is the circle?", "red")
+    assert scenes.answer_is_correct(q, " Red.") and not scenes.answer_is_correct(q, "dark red")
+    caption = scenes.Question("caption", scenes.CAPTION_PROMPTS[0], "a red circle and a blue square.")
+    assert scenes.answer_is_correct(caption, "A blue square and a red circle.")
+    assert not scenes.answer_is_correct(caption, "a red circle.")
+    assert not scenes.answer_is_correct(caption, "a red circle, a blue square and a blue square.")
