@@ -72,6 +72,13 @@ class PromptBuilder:
                 f"copy the checkpoint's tokenizer and processor files next to config.json"
             ) from None
         self.chat_template = getattr(self.processor or self.tokenizer, "chat_template", None)
+        # Strings the tokenizer turns into control tokens: in a user's text they would forge an image
+        # placeholder or a turn boundary, so such text is refused instead of re-parsed.
+        reserved = set(getattr(self.tokenizer, "all_special_tokens", []) or [])
+        image_token = getattr(self.processor, "image_token", None) or getattr(self.tokenizer, "image_token", None)
+        if image_token:
+            reserved.add(image_token)
+        self.reserved_strings = tuple(sorted(t for t in reserved if t))
 
     @property
     def stop_token_ids(self) -> tuple[int, ...]:
@@ -104,8 +111,20 @@ class PromptBuilder:
         """Tokenise one turn; ``image`` is a PIL image or None."""
         return self.build_conversation([("user", question)], image, 0)
 
+    def check_text(self, text: str) -> None:
+        """Refuse text that holds one of the tokenizer's control strings, such as ``<image>``."""
+        found = next((t for t in self.reserved_strings if t in text), None)
+        if found is not None:
+            raise EdgecmError(
+                f"the text contains {found!r}, which this model reserves for its prompt format; "
+                f"rephrase without it (images are attached with --image, never written into the text)"
+            )
+
     def build_conversation(self, turns: list[tuple[str, str]], image=None, image_turn: int | None = 0) -> Prompt:
         """Tokenise a conversation; ``image`` (PIL or None) belongs to user turn ``image_turn``."""
+        for role, text in turns:
+            if role == "user":
+                self.check_text(text)
         if image is not None and not self.config.is_multimodal:
             raise EdgecmError("this is a text-only model; drop --image or pass --model a LLaVA checkpoint")
         text = self.render_conversation(turns, image_turn if image is not None else None)

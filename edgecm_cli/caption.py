@@ -1,6 +1,10 @@
 """``edgecm caption``: batch offline captioning into a JSONL file that survives interruption.
 
 Safety of the output file:
+- one process at a time: ``OUT.lock`` is held with ``flock`` for the whole run, so
+  a second process on the same OUT is refused at once, naming the first;
+- a file that is not a captions file (its lines are not caption records) is
+  refused before anything is written, and left byte for byte as it was;
 - every line is written whole, then flushed and fsynced, before the next image starts;
 - on start, an existing file is read back: complete lines mark their images
   as done (captions and recorded errors alike), and a torn last line (a
@@ -26,6 +30,8 @@ from edgecm.errors import EdgecmError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 LIST_SUFFIXES = {".txt", ".lst"}
+# Every record this module writes starts with these bytes; a torn tail that does not is not ours.
+RECORD_START = b'{"path": '
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -66,33 +72,85 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 def in_shard(path: Path, shard: tuple[int, int] | None) -> bool:
     if shard is None:
         return True
-    digest = hashlib.sha256(str(path).encode()).digest()
+    digest = hashlib.sha256(os.fsencode(path)).digest()  # the name's bytes: any file name hashes
     return int.from_bytes(digest[:8], "big") % shard[1] == shard[0]
 
 
 def recover(out: Path) -> set[str]:
-    """Paths already recorded in ``out``; a torn last line is cut off so the file parses again."""
+    """Paths already recorded in ``out``; a torn last line is cut off so the file parses again.
+
+    Everything is checked before anything is changed: a file whose complete
+    lines are not caption records, or whose unfinished tail is not the start
+    of one, is not ours (a picture, a text file), and is refused untouched.
+    """
     if not out.exists():
         return set()
+    if not out.is_file():
+        raise EdgecmError(f"--out {out}: not a regular file; pass a path for the captions file (.jsonl)")
     data = out.read_bytes()
     end = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
-    if end < len(data):
-        with out.open("r+b") as fh:
-            fh.truncate(end)
-            fh.flush()
-            os.fsync(fh.fileno())
-        print(f"edgecm: {out}: dropped a torn last line ({len(data) - end} bytes); that image is redone", file=sys.stderr)
     done = set()
     for number, line in enumerate(data[:end].splitlines(), 1):
         if not line.strip():
             continue
         try:
-            done.add(json.loads(line)["path"])
+            record = json.loads(line)
+            done.add(record["path"])
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
             raise EdgecmError(
-                f"{out}:{number}: not a caption line; pass a new --out or repair that line"
+                f"{out}:{number}: not a caption line, so this is not an edgecm captions file; it was left as it is. "
+                f"Pass a new --out (or repair that line)"
             ) from None
+    tail = data[end:]
+    if tail and not (tail.startswith(RECORD_START) or RECORD_START.startswith(tail)):
+        raise EdgecmError(
+            f"{out}: does not end in a caption line, so this is not an edgecm captions file; it was left as it is. "
+            f"Pass a new --out"
+        )
+    if tail:
+        with out.open("r+b") as fh:
+            fh.truncate(end)
+            fh.flush()
+            os.fsync(fh.fileno())
+        print(f"edgecm: {out}: dropped a torn last line ({len(tail)} bytes); that image is redone", file=sys.stderr)
     return done
+
+
+class OutputLock:
+    """An exclusive lock on ``OUT.lock`` for as long as one caption process writes OUT.
+
+    ``flock`` locks are released by the kernel when their process dies, so a
+    lock left by a killed run never blocks the next one; the file itself stays.
+    """
+
+    def __init__(self, out: Path):
+        import fcntl
+
+        self.path = out.with_name(out.name + ".lock")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = self.path.open("a+")
+        except OSError as exc:
+            raise EdgecmError(
+                f"--out {out}: cannot write in {out.parent} ({exc.strerror}); pass --out a path in a writable folder"
+            ) from None
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            owner = self.handle.read().strip() or "unknown"
+            self.handle.close()
+            raise EdgecmError(
+                f"--out {out}: another edgecm caption (pid {owner}) is writing it; wait for that run to finish "
+                f"or pass another --out"
+            ) from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(str(os.getpid()))
+        self.handle.flush()
+
+    def release(self) -> None:
+        self.handle.close()  # closing the descriptor releases the lock
 
 
 class JsonlWriter:
@@ -103,7 +161,14 @@ class JsonlWriter:
         self.handle = path.open("a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        line = json.dumps(record, ensure_ascii=False)
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:
+            # A file name that is not valid UTF-8 holds surrogate escapes (Python's view of its raw
+            # bytes); JSON's \\udcXX escapes record them losslessly and json.loads gives them back.
+            line = json.dumps(record, ensure_ascii=True)
+        self.handle.write(line + "\n")
         self.handle.flush()
         os.fsync(self.handle.fileno())
 
@@ -135,16 +200,29 @@ def caption_one(loaded, path: Path, prompt_text: str) -> dict:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from edgecm_cli import check_generation_flags, load_model, sparsity_from_flags
+    from edgecm_cli import check_generation_flags, sparsity_from_flags
 
     check_generation_flags(args)
     sparsity_from_flags(args)  # bad flags fail before the model loads
     shard = parse_shard(args.shard)
     out = Path(args.out)
+    if out.exists() and not out.is_file():
+        raise EdgecmError(f"--out {out}: not a regular file; pass a path for the captions file (.jsonl)")
     paths = [p for p in expand_inputs(args.inputs) if in_shard(p, shard)]
+    lock = OutputLock(out)
+    try:
+        return _caption(args, out, paths)
+    finally:
+        lock.release()
+
+
+def _caption(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
+    """Caption ``paths`` into ``out``, holding its lock."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from edgecm_cli import load_model
+
     done = recover(out)
     todo = [p for p in paths if str(p) not in done]
     print(f"edgecm: {len(paths)} images, {len(paths) - len(todo)} already in {out}, {len(todo)} to caption", file=sys.stderr)
@@ -153,6 +231,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     loaded = load_model(args)
     if not loaded.checkpoint.config.is_multimodal:
         raise EdgecmError(f"{loaded.model_name}: a text-only model cannot caption images; pass --model a LLaVA checkpoint")
+    loaded.builder.check_text(args.prompt)  # a prompt the model cannot take is refused before OUT is touched
     writer = JsonlWriter(out)
     errors = written = 0
     started = time.perf_counter()

@@ -51,6 +51,12 @@ def test_chat_commands_and_turns(build_llava, image_path):
     child.sendline("/bogus")
     child.expect("unknown command")
     child.expect(PROMPT)
+    child.sendline("Is <image> a word?")  # a forged placeholder is refused, and the chat goes on
+    child.expect("reserves for its prompt format")
+    child.expect(PROMPT)
+    child.sendline("What is shown?")
+    child.expect("last turn")
+    child.expect(PROMPT)
     child.sendintr()  # Ctrl-C at the prompt does not leave
     child.expect("Ctrl-D or /quit to leave")
     child.expect(PROMPT)
