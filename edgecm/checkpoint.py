@@ -39,6 +39,9 @@ class _SafetensorsSource:
     def nbytes(self, name: str) -> int:
         return self._infos[name].nbytes
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._infos[name].shape)
+
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         infos = [self._infos[n] for n in names]
         by_key = read_tensors(infos)
@@ -64,6 +67,19 @@ class Checkpoint:
         self.family = family_named(config.family)
         self._names = set(source.names())
         self._check_complete()
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        """Every tensor whose shape config.json implies has that shape (a mismatched download fails here)."""
+        for name, expected in self.family.expected_shapes(self.config).items():
+            if name not in self._names:
+                continue
+            found = tuple(self._source.shape(name))
+            if found != tuple(expected):
+                raise EdgecmError(
+                    f"{self.path}: tensor {name} has shape {list(found)} but config.json implies {list(expected)}; "
+                    f"the weights and config.json come from different models or a truncated download; re-download it"
+                )
 
     def _check_complete(self) -> None:
         required = self.family.required_tensors(self.config)

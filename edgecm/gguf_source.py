@@ -109,6 +109,10 @@ class GGUFSource:
         """Bytes of the dequantised float32 tensor (what the engine will hold)."""
         return int(self._tensors[name].n_elements) * 4
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The logical shape, rows first (GGUF stores dimensions innermost first)."""
+        return tuple(int(n) for n in reversed(self._tensors[name].shape))
+
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         import gguf
 

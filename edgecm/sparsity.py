@@ -102,6 +102,19 @@ class SparsitySettings:
         if not 0 < self.dense_above <= 1:
             raise EdgecmError(f"--dense-above {self.dense_above}: must be in (0, 1]")
 
+    def check_layers(self, num_layers: int) -> None:
+        """Refuse layer numbers the model does not have (before any weight is read)."""
+        if self.mode != "corematching":
+            return
+        if self.prune_layer >= num_layers:
+            raise EdgecmError(f"--prune-layer {self.prune_layer}: the model has {num_layers} layers, 0..{num_layers - 1}")
+        beyond = [layer for layer in self.dense_layers if layer >= num_layers]
+        if beyond:
+            raise EdgecmError(
+                f"--dense-layers {','.join(map(str, self.dense_layers))}: layer {beyond[0]} does not exist; "
+                f"the model has {num_layers} layers, 0..{num_layers - 1}"
+            )
+
     @property
     def prunes_tokens(self) -> bool:
         return self.mode == "corematching" and self.tokens.kind != "all"

@@ -25,7 +25,7 @@ def load_image(path: str | Path):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()
-                return img.convert("RGB")
+                return _to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise EdgecmError(
             f"{path}: image is too large (over {MAX_IMAGE_PIXELS:,} pixels, possibly a decompression bomb); "
@@ -35,3 +35,24 @@ def load_image(path: str | Path):
         raise EdgecmError(f"{path}: not an image file; use a PNG, JPEG or WebP image") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise EdgecmError(f"{path}: image is corrupt or truncated ({exc}); re-export or re-download it") from None
+
+
+# Pillow's integer modes for 16-bit greyscale (PNG, TIFF): values up to 65535 in "I;16*" or "I".
+_WIDE_GREY_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+
+
+def _to_rgb(img):
+    """RGB for any input mode; 16-bit greyscale is scaled to 8 bits instead of clipped.
+
+    Pillow's own ``convert("RGB")`` clips 16-bit values above 255, so a normal
+    16-bit greyscale photo comes out white; dividing by 257 maps 0..65535 onto
+    0..255 exactly, the image the user sees.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if img.mode in _WIDE_GREY_MODES:
+        wide = np.asarray(img, dtype=np.float64)
+        grey = np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    return img.convert("RGB")

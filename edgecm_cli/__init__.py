@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cat` in the same place
 DEFAULT_CAPTION_PROMPT = "Write a short caption for this image."
 
 
@@ -353,21 +356,27 @@ def load_model(args: argparse.Namespace) -> Loaded:
     from edgecm.sampling import SamplingSettings
     from edgecm.sparsity import load_calibration
     from runtime.engine import Engine, GenerationSettings
+    from runtime.planner import parse_bytes
 
     checkpoint, model_name = open_model(args.model)
     calibration = load_calibration(checkpoint.path)
     sparsity = sparsity_from_flags(args, calibration)
+    sparsity.check_layers(checkpoint.config.text.num_layers)  # only config.json has been read so far
     generation = GenerationSettings(
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingSettings(temperature=args.temperature, top_p=args.top_p, seed=args.seed),
     )
+    engine = Engine(
+        checkpoint, device=args.device, dtype=args.dtype, resident=args.resident, budget=args.budget, quant=args.quant
+    )
+    if args.budget is not None and parse_bytes(args.budget) > engine.budget:
+        print(f"edgecm: --budget {args.budget} is more than the {engine.device.type} device has; "
+              f"planning with all of it ({format_bytes(engine.budget)})", file=sys.stderr)
     return Loaded(
         checkpoint=checkpoint,
         model_name=model_name,
         builder=PromptBuilder(checkpoint),
-        engine=Engine(
-            checkpoint, device=args.device, dtype=args.dtype, resident=args.resident, budget=args.budget, quant=args.quant
-        ),
+        engine=engine,
         sparsity=sparsity,
         calibration=calibration,
         generation=generation,
@@ -381,6 +390,12 @@ def check_generation_flags(args: argparse.Namespace) -> None:
         raise EdgecmError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     if not 0 < args.top_p <= 1:
         raise EdgecmError(f"--top-p {args.top_p}: must be in (0, 1]")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise EdgecmError(f"--temperature {args.temperature}: must be 0 (greedy) or a positive number")
+    if args.budget is not None:
+        from runtime.planner import parse_bytes
+
+        parse_bytes(args.budget)
 
 
 def stats_line(result) -> str:
@@ -418,24 +433,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     builder = loaded.builder
     prompt = builder.build(args.question, image)
     stream = TextStream(builder)
+    pipe = {"closed": False}
 
     def show(token: int) -> None:
         piece = stream.push(token)
-        if piece and not args.json:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        if piece and not args.json and not pipe["closed"]:
+            try:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            except BrokenPipeError:  # the reader left (| head): stop generating, keep the stats
+                quiet_broken_pipe()
+                pipe["closed"] = True
 
     result = loaded.engine.generate(
-        prompt, loaded.generation, builder.stop_token_ids, on_token=show, sparsity=loaded.sparsity
+        prompt, loaded.generation, builder.stop_token_ids, on_token=show, sparsity=loaded.sparsity,
+        should_stop=lambda: pipe["closed"],
     )
     text = builder.decode(result.token_ids)
-    if args.json:
-        print(json.dumps(result_record(loaded, result, text)))
-    else:
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+    try:
+        if args.json:
+            print(json.dumps(result_record(loaded, result, text)))
+        elif not pipe["closed"]:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    except BrokenPipeError:
+        quiet_broken_pipe()
+        pipe["closed"] = True
     print(f"edgecm: {stats_line(result)}", file=sys.stderr)
-    return 0
+    return EXIT_BROKEN_PIPE if pipe["closed"] else 0
 
 
 def result_record(loaded: Loaded, result, text: str) -> dict:
@@ -454,22 +479,37 @@ def result_record(loaded: Loaded, result, text: str) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    from edgecm.errors import EdgecmError
-
-    hf_logging.set_verbosity_error()  # library notices are not for end users
-    hf_logging.disable_progress_bar()
     try:
-        return args.handler(args)
-    except EdgecmError as exc:
-        print(f"edgecm: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        from transformers.utils import logging as hf_logging
+
+        from edgecm.errors import EdgecmError
+
+        hf_logging.set_verbosity_error()  # library notices are not for end users
+        hf_logging.disable_progress_bar()
+        try:
+            return args.handler(args)
+        except EdgecmError as exc:
+            print(f"edgecm: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    except KeyboardInterrupt:  # during imports, loading, prefill or decode alike
         print("\nedgecm: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return quiet_broken_pipe()
+
+
+def quiet_broken_pipe() -> int:
+    """The reader of stdout went away (``| head``): stop quietly, as ``cat`` does.
+
+    stdout is pointed at /dev/null so that Python's final flush at exit does not
+    raise again and print a second error.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

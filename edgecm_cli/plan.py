@@ -43,6 +43,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     if not 0 < args.neuron_fraction <= 1:
         raise EdgecmError(f"--neuron-fraction {args.neuron_fraction}: must be in (0, 1]")
+    for flag, value, least in (("--prompt-tokens", args.prompt_tokens, 1), ("--new-tokens", args.new_tokens, 1),
+                               ("--kept-tokens", args.kept_tokens, 0)):
+        if value < least:
+            raise EdgecmError(f"{flag} {value}: must be at least {least}")
     config, name = _config(args)
     weight_dtype = args.weights or profile.default_dtype
     if weight_dtype == "bfloat16" and not profile.supports_bf16:

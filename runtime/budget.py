@@ -60,13 +60,8 @@ def resolve_budget(text: str | None, device: torch.device) -> int:
         available = psutil.virtual_memory().available + psutil.Process().memory_info().rss
     if text is None:
         return available
-    budget = parse_bytes(text)
-    if budget > total:
-        raise EdgecmError(
-            f"--budget {text}: {budget / GiB:.2f} GiB is more than the {device.type} device has "
-            f"({total / GiB:.2f} GiB); give at most that"
-        )
-    return budget
+    # A budget beyond the device means "use all of it": the plan then keeps whatever the device holds.
+    return min(parse_bytes(text), total)
 
 
 def enforce(device: torch.device, budget: int) -> None:

@@ -72,14 +72,17 @@ def load_profile(name_or_path: str) -> DeviceProfile:
 
 
 def parse_bytes(text: str) -> int:
-    """'12GiB', '12 GB', '11.5G', '800MiB', '123456' -> bytes (G and GiB are binary, GB decimal)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*", text, flags=re.IGNORECASE)
+    """'12GiB', '12 GB', '11.5G', '800MiB', '123456' -> bytes (G and GiB are binary, GB decimal); above zero."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGTP]?)(i?B?)\s*", text, flags=re.IGNORECASE)
     if not match:
-        raise EdgecmError(f"--budget {text}: use a size such as 12GiB, 11.5G or 800MiB")
+        raise EdgecmError(f"--budget {text}: use a positive size in bytes, KiB, MiB, GiB or TiB, e.g. 12GiB, 11.5G, 800MiB")
     value, prefix, suffix = float(match.group(1)), match.group(2).upper(), match.group(3)
-    power = " KMGT".index(prefix) if prefix else 0
+    power = " KMGTP".index(prefix) if prefix else 0
     base = 1000 if suffix.upper() == "B" and prefix else 1024
-    return int(value * base**power)
+    size = int(value * base**power)
+    if size <= 0:
+        raise EdgecmError(f"--budget {text}: must be more than zero, e.g. 12GiB")
+    return size
 
 
 @dataclass(frozen=True)

@@ -136,3 +136,110 @@ def test_caption_out_under_a_file_is_refused_before_the_model_loads(images, tmp_
 def test_caption_out_naming_a_folder_is_refused(images, tmp_path):
     done = edgecm("caption", str(images), "--model", str(tmp_path / "never-opened"), "--out", str(tmp_path))
     assert done.returncode == 2 and "not a regular file" in one_error_line(done.stderr)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "--temperature -1.0: must be 0"),
+    (["--temperature", "nan"], "--temperature nan: must be 0"),
+    (["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
+    (["--top-p", "1.5"], "--top-p 1.5: must be in (0, 1]"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
+    (["--budget", "0"], "--budget 0: must be more than zero"),
+    (["--budget=-2GiB"], "--budget -2GiB: use a positive size"),
+    (["--budget", "lots"], "--budget lots: use a positive size"),
+])
+def test_generation_flags_are_refused_before_the_model_is_opened(flags, message, tmp_path):
+    done = edgecm("run", "--model", str(tmp_path / "never-opened"), "-q", "hi", *flags)
+    assert done.returncode == 2 and message in one_error_line(done.stderr)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dense-layers", "1,99"], "--dense-layers 1,99: layer 99 does not exist; the model has 3 layers, 0..2"),
+    (["--prune-layer", "3"], "--prune-layer 3: the model has 3 layers, 0..2"),
+])
+def test_layer_numbers_past_the_model_are_refused_naming_its_layer_count(build_llava, flags, message):
+    model_dir, _ = build_llava(**TINY)
+    done = edgecm("run", "--model", str(model_dir), "-q", "hi", *flags)
+    assert done.returncode == 2 and message in one_error_line(done.stderr)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt-tokens", "-1"], "--prompt-tokens -1: must be at least 1"),
+    (["--new-tokens", "0"], "--new-tokens 0: must be at least 1"),
+    (["--kept-tokens", "-5"], "--kept-tokens -5: must be at least 0"),
+])
+def test_plan_refuses_negative_sizes(flags, message):
+    done = edgecm("plan", "--shape", "llava-1.5-7b", "--budget", "12GiB", *flags)
+    assert done.returncode == 2 and message in one_error_line(done.stderr)
+
+
+def test_a_budget_beyond_the_device_means_all_of_it(build_llava):
+    model_dir, _ = build_llava(**TINY)
+    done = edgecm("run", "--model", str(model_dir), "-q", "hi", "--budget", "1PiB", "--max-new-tokens", "2")
+    assert done.returncode == 0, done.stderr
+    assert "--budget 1PiB is more than the cpu device has; planning with all of it" in done.stderr
+    assert "all layers kept" in done.stderr
+
+
+def test_a_tensor_whose_shape_disagrees_with_config_is_named_when_the_checkpoint_opens(build_llava, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model_dir, _ = build_llava(**TINY)
+    copy = tmp_path / "mismatched"
+    shutil.copytree(model_dir, copy)
+    weights = copy / "model.safetensors"
+    state = load_file(str(weights))
+    name = next(k for k in state if k.endswith("layers.1.mlp.up_proj.weight"))
+    state[name] = state[name][:-8].clone()  # a truncated matrix: 8 rows short
+    save_file(state, str(weights), metadata={"format": "pt"})
+    done = edgecm("run", "--model", str(copy), "-q", "hi")
+    line = one_error_line(done.stderr)
+    assert done.returncode == 2
+    assert "layers.1.mlp.up_proj.weight has shape [152, 64] but config.json implies [160, 64]" in line
+
+
+def test_a_16_bit_greyscale_png_is_scaled_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from edgecm.vision import load_image
+
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    seen = np.asarray(load_image(tmp_path / "grey16.png"))
+    assert seen.shape == (32, 32, 3)
+    np.testing.assert_allclose(seen[..., 0], ramp / 257.0, atol=0.51)  # 0..65535 onto 0..255, not clipped at 255
+
+
+def test_run_into_a_closed_pipe_exits_quietly_with_its_stats(build_llava):
+    model_dir, _ = build_llava(**TINY)
+    # `edgecm run ... | head -c 1`: the reader leaves after one byte.
+    shell = (f"{sys.executable} -m edgecm_cli run --model {model_dir} -q 'hi' --max-new-tokens 64 "
+             f"--temperature 1 --seed 3 2>{model_dir.parent}/stderr.txt | head -c 1 >/dev/null; "
+             f"echo ${{PIPESTATUS[0]}}")
+    done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=300)
+    stderr = (model_dir.parent / "stderr.txt").read_text()
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr
+    assert [line for line in stderr.splitlines() if line.startswith("edgecm: prefill")]  # the usual stats
+    assert done.stdout.strip() in ("0", "141")
+
+
+@pytest.mark.parametrize("delay", [2.0, 4.0, 8.0])
+def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(build_llava, image_path, delay):
+    """Imports, loading, prefill and decode alike: SIGINT ``delay`` seconds into a long run.
+
+    (The first moments belong to the interpreter starting up, before any edgecm code runs.)
+    """
+    model_dir, _ = build_llava(**TINY)
+    run = subprocess.Popen([sys.executable, "-m", "edgecm_cli", "run", "--model", str(model_dir), "--image",
+                            str(image_path), "-q", "hi", "--max-new-tokens", "400", "--temperature", "1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=120)
+    if run.returncode == 0:
+        pytest.skip("the run finished before the signal")
+    assert run.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "edgecm: interrupted"

@@ -102,10 +102,16 @@ def test_a_budget_below_the_smallest_plan_names_the_smallest(llava):
         engine.generate(prompt, SETTINGS)
 
 
-def test_a_budget_above_the_device_is_refused(llava):
-    checkpoint, _ = llava
-    with pytest.raises(EdgecmError, match="more than the cpu device has"):
-        Engine(checkpoint, budget="1000TiB")
+def test_a_budget_above_the_device_means_all_of_it_and_nonsense_is_refused(llava):
+    checkpoint, prompt = llava
+    import psutil
+
+    engine = Engine(checkpoint, budget="1PiB")
+    assert engine.budget == psutil.virtual_memory().total
+    assert engine.generate(prompt, SETTINGS).memory.plan == "all layers kept"
+    for nonsense in ("0", "0GiB", "-3GiB", "twelve", "12XB"):
+        with pytest.raises(EdgecmError, match="--budget"):
+            Engine(checkpoint, budget=nonsense)
 
 
 # -- quantisation ----------------------------------------------------------------------------------

@@ -81,6 +81,22 @@ class Family:
             names += [f"layers.{i}.{n}" for n in LAYER_TENSORS]
         return names
 
+    def expected_shapes(self, config: "ModelConfig") -> dict[str, tuple[int, ...]]:
+        """Every decoder tensor's shape as config.json implies it (canonical names)."""
+        t = config.text
+        q, kv, d, f = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim, t.hidden_size, t.intermediate_size
+        shapes = {"embed_tokens.weight": (t.vocab_size, d), "norm.weight": (d,), "lm_head.weight": (t.vocab_size, d)}
+        per_layer = {
+            "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d), "self_attn.v_proj.weight": (kv, d),
+            "self_attn.o_proj.weight": (d, q), "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+            "self_attn.v_proj.bias": (kv,), "self_attn.o_proj.bias": (d,),
+            "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d), "mlp.down_proj.weight": (d, f),
+            "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+        }
+        for i in range(t.num_layers):
+            shapes.update({f"layers.{i}.{name}": shape for name, shape in per_layer.items()})
+        return shapes
+
     # -- vision -------------------------------------------------------------------------------
 
     def vision_encoder(self, checkpoint: "Checkpoint", device: torch.device, dtype: torch.dtype) -> VisionEncoder:

@@ -95,7 +95,14 @@ class ClipEncoder:
         wrapper = getattr(tower, "vision_model", None)
         if wrapper is not None:
             keep = {f"vision_model.{k}": v for k, v in keep.items()}
-        tower.load_state_dict(keep, strict=True, assign=True)
+        try:
+            tower.load_state_dict(keep, strict=True, assign=True)
+        except RuntimeError as exc:  # missing, unexpected or mis-shaped tower tensors
+            first = str(exc).strip().splitlines()[-1].strip()
+            raise EdgecmError(
+                f"{checkpoint.path}: the vision tower's tensors do not match config.json ({first}); "
+                f"re-download the checkpoint"
+            ) from None
         embeddings = (wrapper or tower).embeddings
         # A non-persistent buffer is not in the state dict, so it is still on meta.
         embeddings.position_ids = torch.arange(embeddings.num_positions).expand((1, -1))
@@ -179,6 +186,17 @@ class LlavaFamily(Family):
         return super().required_tensors(config) + [
             "multi_modal_projector.linear_1.weight", "multi_modal_projector.linear_2.weight"
         ]
+
+    def expected_shapes(self, config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        v: ClipVisionConfig = config.vision
+        d_text = config.text.hidden_size
+        _, indices = feature_layers(v)
+        d_in = int(v.clip["hidden_size"]) * len(indices)
+        return {
+            **super().expected_shapes(config),
+            "multi_modal_projector.linear_1.weight": (d_text, d_in),
+            "multi_modal_projector.linear_2.weight": (d_text, d_text),
+        }
 
     def vision_encoder(self, checkpoint: "Checkpoint", device: torch.device, dtype: torch.dtype) -> ClipEncoder:
         return ClipEncoder(checkpoint, device, dtype)
