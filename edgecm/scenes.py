@@ -43,7 +43,13 @@ POSITION_MARGIN = 0.12
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 
 QUESTION_KINDS = ("colour", "shape", "count", "position", "presence", "caption")
-CAPTION_QUESTION = "What is in the picture?"
+# Ways to ask for a caption: the first is the one evaluated; the second is `edgecm caption`'s default prompt.
+CAPTION_PROMPTS = (
+    "What is in the picture?",
+    "Write a short caption for this image.",
+    "Describe the image.",
+    "What do you see?",
+)
 
 
 @dataclass(frozen=True)
@@ -192,7 +198,7 @@ def questions_for(scene: Scene) -> list[Question]:
     out.append(Question("presence", f"Is there {with_article(present.name)}?", "yes"))
     absent = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in names]
     out.append(Question("presence", f"Is there {with_article(rng.choice(absent))}?", "no"))
-    out.append(Question("caption", CAPTION_QUESTION, scene.caption))
+    out.append(Question("caption", CAPTION_PROMPTS[0], scene.caption))
     return out
 
 
