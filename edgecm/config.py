@@ -43,11 +43,16 @@ class RopeConfig:
     truncate: bool = True
     short_factor: tuple[float, ...] | None = None
     long_factor: tuple[float, ...] | None = None
+    # Multimodal RoPE (Qwen2.5-VL): how many of the head_dim/2 frequencies follow the temporal,
+    # height and width position ids; None for 1-D RoPE.
+    mrope_section: tuple[int, ...] | None = None
 
     @staticmethod
     def from_dict(params: dict[str, Any] | None, default_theta: float = 10000.0) -> "RopeConfig":
         params = dict(params or {})
         rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type == "mrope":  # published Qwen2-VL configs; transformers reads it as default + mrope_section
+            rope_type = "default"
 
         def opt_float(key: str) -> float | None:
             return None if params.get(key) is None else float(params[key])
@@ -72,6 +77,7 @@ class RopeConfig:
             truncate=bool(params.get("truncate", True)),
             short_factor=opt_tuple("short_factor"),
             long_factor=opt_tuple("long_factor"),
+            mrope_section=None if params.get("mrope_section") is None else tuple(int(v) for v in params["mrope_section"]),
         )
 
 
