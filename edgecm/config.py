@@ -139,13 +139,15 @@ def _eos_ids(*values: Any) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def text_config_from_hf(cfg: Any, extra_eos: Any = None) -> TextConfig:
-    """Copy a transformers LlamaConfig into a TextConfig."""
+def text_config_from_hf(
+    cfg: Any, extra_eos: Any = None, model_types: tuple[str, ...] = SUPPORTED_TEXT_MODEL_TYPES
+) -> TextConfig:
+    """Copy a transformers LlamaConfig (or a family's LLaMA-shaped text config of ``model_types``) into a TextConfig."""
     model_type = getattr(cfg, "model_type", "llama")
-    if model_type not in SUPPORTED_TEXT_MODEL_TYPES:
+    if model_type not in model_types:
         raise EdgecmError(
             f"config.json: language model type '{model_type}' is not supported; "
-            f"edgecm runs LLaMA-family decoders ({', '.join(SUPPORTED_TEXT_MODEL_TYPES)})"
+            f"edgecm runs LLaMA-family decoders ({', '.join(model_types)})"
         )
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rope_params = getattr(cfg, "rope_parameters", None)

@@ -20,12 +20,19 @@ from edgecm.errors import EdgecmError
 
 @dataclass
 class Prompt:
-    """A tokenised prompt: ids (1, T), pixel values (1, 3, H, W) or None, and the rendered text."""
+    """A tokenised prompt: ids (1, T), pixel values or None, and the rendered text.
+
+    pixel_values are whatever the family's processor gives: (N, 3, H, W) for a
+    fixed-size tower (LLaVA), or flattened patches (P, C * t * p * p) for a
+    dynamic-resolution one (Qwen2.5-VL), which then also gives each image's
+    patch grid (t, h, w) in ``image_grid_thw`` (N, 3); a video is one more grid.
+    """
 
     input_ids: torch.Tensor
     pixel_values: torch.Tensor | None
     text: str
     image_token_id: int | None = None
+    image_grid_thw: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -48,9 +55,13 @@ def _quiet_transformers() -> None:
 
 
 class PromptBuilder:
-    """Loads the tokenizer (and, for LLaVA, the processor) of a checkpoint."""
+    """Loads the tokenizer (and, for a vision-language model, the processor) of a checkpoint.
 
-    def __init__(self, checkpoint: Checkpoint):
+    ``min_pixels`` / ``max_pixels`` override a dynamic-resolution processor's
+    limits (Qwen2.5-VL): they decide how many tokens an image costs.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, min_pixels: int | None = None, max_pixels: int | None = None):
         _quiet_transformers()
         import transformers
 
@@ -59,7 +70,7 @@ class PromptBuilder:
         src = checkpoint.tokenizer_source
         try:
             if self.config.is_multimodal:
-                self.processor = transformers.AutoProcessor.from_pretrained(str(src.directory))
+                self.processor = self.family.load_processor(src.directory, self.config, min_pixels, max_pixels)
                 self.tokenizer = self.processor.tokenizer
             else:
                 self.processor = None
@@ -107,14 +118,16 @@ class PromptBuilder:
     def build_conversation(self, turns: list[tuple[str, str]], image=None, image_turn: int | None = 0) -> Prompt:
         """Tokenise a conversation; ``image`` (PIL or None) belongs to user turn ``image_turn``."""
         if image is not None and not self.config.is_multimodal:
-            raise EdgecmError("this is a text-only model; drop --image or pass --model a LLaVA checkpoint")
+            raise EdgecmError("this is a text-only model; drop --image or pass --model a vision-language checkpoint")
         text = self.render_conversation(turns, image_turn if image is not None else None)
         bos = self.tokenizer.bos_token
         # A template that already writes BOS must not get a second one from the tokenizer.
         add_special = not (bos and text.startswith(bos))
         if image is not None:
             enc = self.processor(images=image, text=text, return_tensors="pt", add_special_tokens=add_special)
-            prompt = Prompt(enc["input_ids"], enc["pixel_values"], text, self.config.image_token_id)
+            prompt = Prompt(
+                enc["input_ids"], enc["pixel_values"], text, self.config.image_token_id, enc.get("image_grid_thw")
+            )
             self.family.check_prompt(self.config, prompt)
             return prompt
         enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=add_special)

@@ -172,7 +172,7 @@ class Engine:
             spans = Spans(self.device)
         with spans.span("vision"):
             encoder = self.family.vision_encoder(self.checkpoint, self.device, self.dtype)
-            features = encoder.encode(prompt.pixel_values)  # (N, d), in prompt order
+            features = encoder.encode(prompt.pixel_values, prompt.image_grid_thw)  # (N, d), in prompt order
             del encoder  # the encoder is used once per request; its memory goes back now
         mask = ids == self.config.image_token_id
         if int(mask.sum()) != features.shape[0]:
@@ -216,7 +216,7 @@ class Engine:
         position is text in every supported template and is always kept.
         """
         text = self.text
-        positions = self.family.positions(prompt, self.device)  # rotary ids, (T,) or (3, T)
+        positions = self.family.positions(self.config, prompt, self.device)  # rotary ids, (T,) or (3, T)
         order = torch.arange(prompt.num_tokens, device=self.device)  # sequence indices: what the mask follows
         image_rows = prompt.image_positions.to(self.device)
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
@@ -288,7 +288,7 @@ class Engine:
     def forward(self, prompt: Prompt) -> torch.Tensor:
         """Logits for every prompt position, (1, T, V): the dense reference pass."""
         hidden = self.embed(prompt)
-        positions = self.family.positions(prompt, self.device)
+        positions = self.family.positions(self.config, prompt, self.device)
         order = torch.arange(prompt.num_tokens, device=self.device)
         cache = KVCache(self.text.num_layers)
         return self.head(self.run_layers(hidden, positions, order, cache, phase="prefill"))
@@ -359,7 +359,7 @@ class Engine:
             first_token_s = time.perf_counter() - started
             # The next rotary position follows the unpruned prompt (the family says where: for M-RoPE the
             # largest prompt id + 1), and so does the next sequence index, whatever the cache holds.
-            position = self.family.next_position(prompt)
+            position = self.family.next_position(self.config, prompt)
             index = prompt.num_tokens
             with spans.span("decode"):
                 while True:

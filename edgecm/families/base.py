@@ -43,8 +43,9 @@ LAYER_TENSORS = (
 class VisionEncoder(Protocol):
     """Loaded from a checkpoint, run once per request, freed with ``del``."""
 
-    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values as the family's processor gives them -> features (N, d_text), in prompt order."""
+    def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        """pixel_values (and, for dynamic-resolution families, each image's patch grid (N, 3)) as the
+        family's processor gives them -> features (N, d_text), in prompt order."""
 
 
 class Family:
@@ -111,12 +112,20 @@ class Family:
     def check_prompt(self, config: "ModelConfig", prompt: "Prompt") -> None:
         """Raise if the processor's placeholder expansion disagrees with what the encoder will give."""
 
-    def positions(self, prompt: "Prompt", device: torch.device) -> torch.Tensor:
-        """Rotary position ids of the prompt tokens: (T,) for 1-D rope."""
+    def load_processor(self, directory: Path, config: "ModelConfig", min_pixels: int | None, max_pixels: int | None):
+        """The checkpoint's processor (tokenizer + image processor + placeholder expansion)."""
+        if min_pixels is not None or max_pixels is not None:
+            raise EdgecmError("this model's processor has a fixed image size; drop min_pixels/max_pixels")
+        import transformers
+
+        return transformers.AutoProcessor.from_pretrained(str(directory))
+
+    def positions(self, config: "ModelConfig", prompt: "Prompt", device: torch.device) -> torch.Tensor:
+        """Rotary position ids of the prompt tokens: (T,) for 1-D rope, (3, T) for multimodal rope."""
         return torch.arange(prompt.num_tokens, device=device)
 
-    def next_position(self, prompt: "Prompt") -> int:
-        """The position of the first generated token (then +1 per token)."""
+    def next_position(self, config: "ModelConfig", prompt: "Prompt") -> int:
+        """The rotary position of the first generated token (then +1 per token)."""
         return prompt.num_tokens
 
     def patch_grid(self, config: "ModelConfig", prompt: "Prompt") -> tuple[int, int]:
