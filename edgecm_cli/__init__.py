@@ -43,6 +43,22 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
             ),
         ),
         "image": (("--image",), dict(metavar="PATH", help="image file (PNG, JPEG, WebP, ...); omit for a text-only prompt")),
+        "min_pixels": (
+            ("--min-pixels",),
+            dict(
+                type=int, metavar="N",
+                help="dynamic-resolution models (Qwen2.5-VL): smallest image area in pixels after resizing "
+                "(default: the checkpoint's processor)",
+            ),
+        ),
+        "max_pixels": (
+            ("--max-pixels",),
+            dict(
+                type=int, metavar="N",
+                help="dynamic-resolution models (Qwen2.5-VL): largest image area in pixels after resizing; one image "
+                "token per 28x28 pixels, so this caps what an image costs (default: the checkpoint's processor)",
+            ),
+        ),
         "question": (("--question", "-q"), dict(metavar="TEXT", required=True, help="the question or instruction")),
         "device": (("--device",), dict(default="cpu", metavar="cpu|cuda", help="compute device (default: %(default)s)")),
         "dtype": (
@@ -169,7 +185,8 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
             ("--profile",),
             dict(default="titan-xp", metavar="NAME", help="device profile: a name in profiles/ or a JSON file (default: %(default)s)"),
         ),
-        "shape": (("--shape",), dict(metavar="NAME", help="plan a published shape without weights: llava-1.5-7b, llava-1.5-13b")),
+        "shape": (("--shape",), dict(metavar="NAME", help="plan a published shape without weights: llava-1.5-7b, llava-1.5-13b, "
+                                                            "qwen2.5-vl-3b, qwen2.5-vl-7b")),
         "weights": (
             ("--weights",),
             dict(
@@ -178,7 +195,14 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
                 "streamed layers stay float16, as --quant does",
             ),
         ),
-        "prompt_tokens": (("--prompt-tokens",), dict(type=int, default=620, metavar="N", help="prompt length incl. image tokens (default: %(default)s)")),
+        "prompt_tokens": (
+            ("--prompt-tokens",),
+            dict(
+                type=int, metavar="N",
+                help="prompt length incl. image tokens (default: one image at the model's planned size + a "
+                "44-token question, 620 for LLaVA-1.5; 620 for a text-only model)",
+            ),
+        ),
         "new_tokens": (("--new-tokens",), dict(type=int, default=128, metavar="N", help="tokens to generate (default: %(default)s)")),
         "kept_tokens": (("--kept-tokens",), dict(type=int, default=64, metavar="N", help="image tokens kept after layer K (default: %(default)s)")),
         "neuron_fraction": (
@@ -244,7 +268,7 @@ def _commands():
     from edgecm_cli.chat import cmd_chat
     from edgecm_cli.show import cmd_show
 
-    model = ("model", "device", "dtype", "resident", "run_budget", "quant")
+    model = ("model", "device", "dtype", "resident", "run_budget", "quant", "min_pixels", "max_pixels")
     sampling = ("max_new_tokens", "temperature", "top_p", "seed")
     return {
         "run": (
@@ -364,7 +388,7 @@ def load_model(args: argparse.Namespace) -> Loaded:
     return Loaded(
         checkpoint=checkpoint,
         model_name=model_name,
-        builder=PromptBuilder(checkpoint),
+        builder=PromptBuilder(checkpoint, args.min_pixels, args.max_pixels),
         engine=Engine(
             checkpoint, device=args.device, dtype=args.dtype, resident=args.resident, budget=args.budget, quant=args.quant
         ),

@@ -222,3 +222,38 @@ def test_token_rules_complete_on_qwen(loaded, tokens, rank, wide_image_path):
     assert result.kept_image_tokens == {"count:4": 4, "ratio:0.5": n_image // 2}.get(tokens, result.kept_image_tokens)
     assert 0 < result.kept_image_tokens < n_image
     assert set(result.kv_cache_tokens) == {prompt.num_tokens - n_image + result.kept_image_tokens + 3}
+
+
+def test_run_command_with_pixel_limits(build_qwen2_5_vl, wide_image_path, capsys):
+    import json
+
+    import edgecm_cli
+
+    model_dir, _ = build_qwen2_5_vl(**MODELS["published-untied"])
+    base = ["run", "--model", str(model_dir), "--image", str(wide_image_path), "-q", QUESTION,
+            "--max-new-tokens", "4", "--json"]
+    assert edgecm_cli.main(base) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert default["image_tokens"] == 18
+    assert edgecm_cli.main(base + ["--max-pixels", str(16 * 16 * 8)]) == 0
+    assert json.loads(capsys.readouterr().out)["image_tokens"] <= 8
+    assert edgecm_cli.main(base + ["--min-pixels", "5000", "--max-pixels", "4000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "min_pixels" in err
+
+
+@pytest.mark.parametrize("shape, layers, kv_per_token, tied", [
+    ("qwen2.5-vl-3b", 36, 2 * 36 * 2 * 128 * 2, True), ("qwen2.5-vl-7b", 28, 2 * 28 * 4 * 128 * 2, False),
+])
+def test_plan_published_shapes(shape, layers, kv_per_token, tied, capsys):
+    import json
+
+    import edgecm_cli
+    from edgecm_cli.plan import SHAPES_DIR
+
+    assert edgecm_cli.main(["plan", "--shape", shape, "--budget", "12GiB", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["kv_bytes_per_token"] == kv_per_token  # K and V, float16, the models' KV heads
+    config = load_model_config(SHAPES_DIR / shape)
+    assert config.text.num_layers == layers and config.text.tie_word_embeddings == tied
+    assert "vision" in record["phases"]

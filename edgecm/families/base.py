@@ -115,7 +115,10 @@ class Family:
     def load_processor(self, directory: Path, config: "ModelConfig", min_pixels: int | None, max_pixels: int | None):
         """The checkpoint's processor (tokenizer + image processor + placeholder expansion)."""
         if min_pixels is not None or max_pixels is not None:
-            raise EdgecmError("this model's processor has a fixed image size; drop min_pixels/max_pixels")
+            raise EdgecmError(
+                f"{directory}: this model's images have a fixed size; min/max pixels apply to dynamic-resolution "
+                f"models (Qwen2.5-VL) only"
+            )
         import transformers
 
         return transformers.AutoProcessor.from_pretrained(str(directory))

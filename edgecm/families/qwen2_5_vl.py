@@ -272,6 +272,11 @@ class Qwen2_5_VLFamily(Family):
         return (h // factor) * (w // factor)
 
     def load_processor(self, directory: Path, config: ModelConfig, min_pixels: int | None, max_pixels: int | None):
+        for label, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+            if value is not None and value < 1:
+                raise EdgecmError(f"{label} {value}: must be a positive number of pixels")
+        if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+            raise EdgecmError(f"min_pixels {min_pixels} is above max_pixels {max_pixels}; lower it or raise max_pixels")
         processor = QwenProcessor(directory, "<|image_pad|>", min_pixels, max_pixels)
         # The placeholder is whatever token config.json's image_token_id names in this tokenizer.
         processor.image_token = processor.tokenizer.convert_ids_to_tokens(config.image_token_id)
