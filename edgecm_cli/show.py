@@ -29,13 +29,10 @@ DIM = 0.25  # brightness of dropped patches
 MIN_CHART_HEIGHT = 560
 
 
-def model_view(pixel_values: torch.Tensor, processor) -> "Image.Image":
-    """Undo the processor's normalisation: (1, 3, H, W) -> the RGB picture the vision tower saw."""
+def model_view(pixels: torch.Tensor) -> "Image.Image":
+    """(3, H, W) in [0, 1], as the family rebuilds the picture the vision tower saw -> an RGB image."""
     from PIL import Image
 
-    mean = torch.tensor(processor.image_processor.image_mean).view(3, 1, 1)
-    std = torch.tensor(processor.image_processor.image_std).view(3, 1, 1)
-    pixels = (pixel_values[0].float() * std + mean).clamp(0, 1)
     return Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
 
 
@@ -159,6 +156,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         raise EdgecmError(f"the image has {result.image_tokens} tokens, not a {rows}x{cols} patch grid; show needs one token per patch")
     answer = loaded.builder.decode(result.token_ids).strip()
     width = loaded.checkpoint.config.text.intermediate_size
-    frames = render(out, model_view(prompt.pixel_values, loaded.builder.processor), grid, result, loaded.sparsity, args.question, answer, width)
+    family, config = loaded.checkpoint.family, loaded.checkpoint.config
+    view = model_view(family.model_view(config, prompt, loaded.builder.processor))
+    frames = render(out, view, grid, result, loaded.sparsity, args.question, answer, width)
     print(f"wrote {out}: kept {frames} of {result.image_tokens} image tokens; answer: {answer}")
     return 0

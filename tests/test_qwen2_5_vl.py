@@ -257,3 +257,39 @@ def test_plan_published_shapes(shape, layers, kv_per_token, tied, capsys):
     config = load_model_config(SHAPES_DIR / shape)
     assert config.text.num_layers == layers and config.text.tie_word_embeddings == tied
     assert "vision" in record["phases"]
+
+
+def test_model_view_rebuilds_the_image_from_its_patches(loaded, wide_image_path):
+    engine, builder, _ = loaded("published-untied")
+    prompt = make_prompt(builder, "wide", None, wide_image_path)
+    view = engine.family.model_view(engine.config, prompt, builder.processor)  # (3, H, W)
+    import numpy as np
+
+    original = torch.from_numpy(np.asarray(load_image(wide_image_path), dtype=np.float32))  # 96x48: no resize needed
+    original = original.permute(2, 0, 1) / 255
+    assert view.shape == (3, 48, 96)
+    assert (view - original).abs().max().item() < 1e-5
+
+
+def test_show_frames_exactly_the_kept_tokens_of_a_wide_image(build_qwen2_5_vl, wide_image_path, tmp_path, capsys):
+    from PIL import Image
+
+    import edgecm_cli
+    from edgecm_cli.show import KEPT_FRAME, PATCH_SCALE
+
+    model_dir, _ = build_qwen2_5_vl(**MODELS["published-untied"])
+    out = tmp_path / "show.png"
+    code = edgecm_cli.main(["show", "--model", str(model_dir), "--image", str(wide_image_path), "-q", QUESTION,
+                            "--out", str(out), "--tokens", "count:5", "--max-new-tokens", "4"])
+    assert code == 0 and out.is_file()
+    checkpoint = open_checkpoint(model_dir)
+    prompt = PromptBuilder(checkpoint).build(QUESTION, load_image(wide_image_path))
+    result = Engine(checkpoint).generate(
+        prompt, GenerationSettings(max_new_tokens=4), sparsity=SparsitySettings(tokens=TokenRule.parse("count:5"))
+    )
+    picture = Image.open(out).convert("RGB")
+    cell, header, (rows, cols) = 16 * PATCH_SCALE, 58, (3, 6)  # edgecm_cli.show.render's header rows
+    framed = {i for i in range(rows * cols)
+              if picture.getpixel(((i % cols) * cell + cell // 2, header + (i // cols) * cell)) == KEPT_FRAME}
+    assert framed == set(result.selection.keep.tolist())
+    assert "kept 5 of 18" in capsys.readouterr().out

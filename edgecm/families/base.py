@@ -131,6 +131,16 @@ class Family:
         """The rotary position of the first generated token (then +1 per token)."""
         return prompt.num_tokens
 
+    def model_view(self, config: "ModelConfig", prompt: "Prompt", processor: Any) -> torch.Tensor:
+        """The first image as the vision tower saw it, normalisation undone: (3, H, W) in [0, 1].
+
+        This base form reads (N, 3, H, W) pixel values (a fixed-size tower such as CLIP).
+        """
+        image = processor.image_processor
+        mean = torch.tensor(image.image_mean).view(3, 1, 1)
+        std = torch.tensor(image.image_std).view(3, 1, 1)
+        return (prompt.pixel_values[0].float() * std + mean).clamp(0, 1)
+
     def patch_grid(self, config: "ModelConfig", prompt: "Prompt") -> tuple[int, int]:
         """(rows, columns) of image tokens over the image as the processor resized it, for ``show``."""
         raise EdgecmError("this model has no vision side")

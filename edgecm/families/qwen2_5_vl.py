@@ -314,6 +314,23 @@ class Qwen2_5_VLFamily(Family):
             return 0
         return int(self.positions(config, prompt, torch.device("cpu")).max()) + 1
 
+    def model_view(self, config: ModelConfig, prompt: "Prompt", processor: Any) -> torch.Tensor:
+        """The first image put back together from its flattened patches: (3, H, W) in [0, 1].
+
+        The processor lays patches out merge block by merge block (rows of 2x2
+        blocks, each block row-major), each patch as (C, temporal, p, p); an
+        image repeats its one frame over the temporal patch, so frame 0 is it.
+        """
+        v: QwenVisionConfig = config.vision
+        t, h, w = (int(x) for x in prompt.image_grid_thw[0])
+        m, p, c = v.merge_size, v.patch_size, int(v.tower.get("in_channels", 3))
+        patches = prompt.pixel_values[: t * h * w].float()
+        blocks = patches.view(t, h // m, w // m, m, m, c, v.temporal_patch_size, p, p)[0, ..., 0, :, :]
+        image = blocks.permute(4, 0, 2, 5, 1, 3, 6).reshape(c, h * p, w * p)  # (C, H, W)
+        mean = torch.tensor(processor.image_processor.image_mean).view(3, 1, 1)
+        std = torch.tensor(processor.image_processor.image_std).view(3, 1, 1)
+        return (image * std + mean).clamp(0, 1)
+
     def patch_grid(self, config: ModelConfig, prompt: "Prompt") -> tuple[int, int]:
         if prompt.image_grid_thw is None:
             raise EdgecmError("the prompt has no image; pass --image")
