@@ -33,17 +33,34 @@ class Prompt:
     text: str
     image_token_id: int | None = None
     image_grid_thw: torch.Tensor | None = None
+    # A video (Qwen2.5-VL): its flattened patches, its grid (1, 3), the seconds each temporal patch
+    # spans (which scale its temporal position ids), and its placeholder token.
+    video_pixel_values: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+    second_per_grid_ts: tuple[float, ...] | None = None
+    video_token_id: int | None = None
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[1])
 
+    def vision_inputs(self) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        """(placeholder token id, pixel values, grids) of the images, then of the video, where present."""
+        inputs = []
+        if self.pixel_values is not None and self.image_token_id is not None:
+            inputs.append((self.image_token_id, self.pixel_values, self.image_grid_thw))
+        if self.video_pixel_values is not None and self.video_token_id is not None:
+            inputs.append((self.video_token_id, self.video_pixel_values, self.video_grid_thw))
+        return inputs
+
     @property
     def image_positions(self) -> torch.Tensor:
-        """Positions holding image features, derived from the placeholder token (never fixed offsets)."""
-        if self.pixel_values is None or self.image_token_id is None:
-            return torch.empty(0, dtype=torch.long)
-        return (self.input_ids[0] == self.image_token_id).nonzero().flatten()
+        """Positions holding vision features (image and video tokens), derived from the placeholder tokens
+        (never fixed offsets): the tokens CoreMatching chooses among."""
+        mask = torch.zeros(self.num_tokens, dtype=torch.bool)
+        for token_id, _, _ in self.vision_inputs():
+            mask |= self.input_ids[0] == token_id
+        return mask.nonzero().flatten()
 
 
 def _quiet_transformers() -> None:
@@ -95,34 +112,56 @@ class PromptBuilder:
         """The prompt text for one user turn, ending where the assistant's answer begins."""
         return self.render_conversation([("user", question)], 0 if with_image else None)
 
-    def render_conversation(self, turns: list[tuple[str, str]], image_turn: int | None) -> str:
+    def render_conversation(
+        self, turns: list[tuple[str, str]], image_turn: int | None, video_turn: int | None = None
+    ) -> str:
         """A whole conversation ((role, text) pairs, ending with a user turn) as prompt text.
 
-        ``image_turn`` is the index of the user turn the image belongs to (None: no image).
+        ``image_turn`` / ``video_turn`` is the index of the user turn the image / video belongs to (None: none).
         """
+        if video_turn is not None and not self.chat_template:
+            raise EdgecmError("a video prompt needs the checkpoint's chat template; copy chat_template.json beside it")
         if self.chat_template:
             if self.processor is not None:
                 messages = []
                 for i, (role, text) in enumerate(turns):
-                    content = ([{"type": "image"}] if i == image_turn else []) + [{"type": "text", "text": text}]
+                    content = ([{"type": "image"}] if i == image_turn else []) + (
+                        [{"type": "video"}] if i == video_turn else []
+                    ) + [{"type": "text", "text": text}]
                     messages.append({"role": role, "content": content})
                 return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             messages = [{"role": role, "content": text} for role, text in turns]
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.family.fallback_prompt(turns, image_turn, self.tokenizer.eos_token or "")
 
-    def build(self, question: str, image=None) -> Prompt:
-        """Tokenise one turn; ``image`` is a PIL image or None."""
-        return self.build_conversation([("user", question)], image, 0)
+    def build(self, question: str, image=None, video=None) -> Prompt:
+        """Tokenise one turn; ``image`` is a PIL image or None, ``video`` a list of PIL frames or None."""
+        return self.build_conversation([("user", question)], image, 0, video)
 
-    def build_conversation(self, turns: list[tuple[str, str]], image=None, image_turn: int | None = 0) -> Prompt:
-        """Tokenise a conversation; ``image`` (PIL or None) belongs to user turn ``image_turn``."""
-        if image is not None and not self.config.is_multimodal:
+    def build_conversation(
+        self, turns: list[tuple[str, str]], image=None, image_turn: int | None = 0, video=None
+    ) -> Prompt:
+        """Tokenise a conversation; ``image`` (PIL or None) and ``video`` (frames or None) belong to user
+        turn ``image_turn``."""
+        if (image is not None or video is not None) and not self.config.is_multimodal:
             raise EdgecmError("this is a text-only model; drop --image or pass --model a vision-language checkpoint")
-        text = self.render_conversation(turns, image_turn if image is not None else None)
+        text = self.render_conversation(
+            turns, image_turn if image is not None else None, image_turn if video is not None else None
+        )
         bos = self.tokenizer.bos_token
         # A template that already writes BOS must not get a second one from the tokenizer.
         add_special = not (bos and text.startswith(bos))
+        if video is not None:
+            if not getattr(self.processor, "takes_video", False):
+                raise EdgecmError("this model takes no video; drop the video or pass a Qwen2.5-VL checkpoint")
+            enc = self.processor(images=image, text=text, videos=video, add_special_tokens=add_special)
+            prompt = Prompt(
+                enc["input_ids"], enc.get("pixel_values"), text, self.config.image_token_id, enc.get("image_grid_thw"),
+                video_pixel_values=enc["pixel_values_videos"], video_grid_thw=enc["video_grid_thw"],
+                second_per_grid_ts=tuple(enc["second_per_grid_ts"]), video_token_id=enc["video_token_id"],
+            )
+            self.family.check_prompt(self.config, prompt)
+            return prompt
         if image is not None:
             enc = self.processor(images=image, text=text, return_tensors="pt", add_special_tokens=add_special)
             prompt = Prompt(

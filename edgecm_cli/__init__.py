@@ -32,7 +32,10 @@ def _defaults():
 def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
     from edgecm.quant import QUANT_KINDS
 
+    from edgecm.video import VideoOptions
+
     gen, sampling, sparse = _defaults()
+    video = VideoOptions()
     return {
         "model": (
             ("--model",),
@@ -43,6 +46,25 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
             ),
         ),
         "image": (("--image",), dict(metavar="PATH", help="image file (PNG, JPEG, WebP, ...); omit for a text-only prompt")),
+        "video": (
+            ("--video",),
+            dict(
+                metavar="DIR",
+                help="a folder of video frames, read in name order (Qwen2.5-VL); extract them from a file first, "
+                "e.g. ffmpeg -i clip.mp4 -vf fps=2 DIR/%%05d.png",
+            ),
+        ),
+        "fps": (
+            ("--fps",),
+            dict(type=float, default=video.fps, metavar="F", help="frames per second of the --video folder (default: %(default)s)"),
+        ),
+        "max_frames": (
+            ("--max-frames",),
+            dict(
+                type=int, default=video.max_frames, metavar="N",
+                help="most frames read from --video, evenly spaced (default: %(default)s)",
+            ),
+        ),
         "min_pixels": (
             ("--min-pixels",),
             dict(
@@ -274,7 +296,7 @@ def _commands():
         "run": (
             "answer one question about an image (or a text-only prompt)",
             "Answer one question. Text streams to stdout; a stats line goes to stderr.",
-            ("image", "question", *model, *sampling, "json", *SPARSITY_FLAGS),
+            ("image", "video", "fps", "max_frames", "question", *model, *sampling, "json", *SPARSITY_FLAGS),
             cmd_run,
             {},
         ),
@@ -433,14 +455,16 @@ def format_bytes(n: int | None) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from edgecm.prompt import TextStream
+    from edgecm.video import VideoOptions, read_video
     from edgecm.vision import load_image
 
     check_generation_flags(args)
     sparsity_from_flags(args)  # bad flags and bad input fail before the model loads
     image = load_image(args.image) if args.image else None
+    video = read_video(args.video, VideoOptions(args.fps, args.max_frames)) if args.video else None
     loaded = load_model(args)
     builder = loaded.builder
-    prompt = builder.build(args.question, image)
+    prompt = builder.build(args.question, image, video)
     stream = TextStream(builder)
 
     def show(token: int) -> None:

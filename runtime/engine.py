@@ -163,24 +163,28 @@ class Engine:
     # -- building blocks -------------------------------------------------------------------------
 
     def embed(self, prompt: Prompt, spans: Spans | None = None) -> torch.Tensor:
-        """Token embeddings with the family's vision features placed at the image placeholders. -> (1, T, d)"""
+        """Token embeddings with the family's vision features placed at the image (and video) placeholders.
+        -> (1, T, d)"""
         ids = prompt.input_ids.to(self.device)
         hidden = F.embedding(ids, self.embed_tokens)
-        if prompt.pixel_values is None:
+        vision = prompt.vision_inputs()
+        if not vision:
             return hidden
         if spans is None:
             spans = Spans(self.device)
         with spans.span("vision"):
             encoder = self.family.vision_encoder(self.checkpoint, self.device, self.dtype)
-            features = encoder.encode(prompt.pixel_values, prompt.image_grid_thw)  # (N, d), in prompt order
+            # (placeholder mask, features (N, d) in prompt order) per input: images, then a video
+            placed = [(ids == token, encoder.encode(pixels, grids)) for token, pixels, grids in vision]
             del encoder  # the encoder is used once per request; its memory goes back now
-        mask = ids == self.config.image_token_id
-        if int(mask.sum()) != features.shape[0]:
-            raise EdgecmError(
-                f"the prompt holds {int(mask.sum())} image tokens but the image gives {features.shape[0]} features; "
-                f"the processor and config.json disagree"
-            )
-        return hidden.masked_scatter(mask[..., None], features.to(hidden.dtype))
+        for mask, features in placed:
+            if int(mask.sum()) != features.shape[0]:
+                raise EdgecmError(
+                    f"the prompt holds {int(mask.sum())} vision tokens but the vision tower gives {features.shape[0]} "
+                    f"features; the processor and config.json disagree"
+                )
+            hidden = hidden.masked_scatter(mask[..., None], features.to(hidden.dtype))
+        return hidden
 
     def run_layers(
         self,

@@ -300,3 +300,17 @@ def write_wide_image(path: Path, width: int = 96, height: int = 48) -> Path:
             px[x, y] = (30, 200, 60) if inside else ((y * 7) % 256, x * 255 // width, 90)
     img.save(path)
     return path
+
+
+def write_test_frames(folder: Path, count: int = 4, width: int = 64, height: int = 48) -> Path:
+    """A few synthetic frames of a square moving left to right, named in playing order."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        img = Image.new("RGB", (width, height), (20, 30 + 40 * i, 120))
+        draw = ImageDraw.Draw(img)
+        x = 4 + i * (width - 24) // max(count - 1, 1)
+        draw.rectangle((x, height // 3, x + 16, height // 3 + 16), fill=(250, 220, 40))
+        img.save(folder / f"frame_{i:03d}.png")
+    return folder

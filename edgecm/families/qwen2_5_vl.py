@@ -58,6 +58,11 @@ class QwenVisionConfig:
     video_token_id: int | None = None
 
     @property
+    def tokens_per_second(self) -> float:
+        """Temporal position ids per second of video (a video's temporal ids step by this x seconds per patch)."""
+        return float(self.tower.get("tokens_per_second", 2))
+
+    @property
     def patch_size(self) -> int:
         return int(self.tower["patch_size"])
 
@@ -135,11 +140,16 @@ class QwenProcessor:
 
     transformers' ``Qwen2_5_VLProcessor`` cannot be built without torchvision
     (its video processor needs it), so images go through the image processor
-    (whose PIL backend needs nothing extra) and each ``<|image_pad|>`` is
-    expanded here, by the same rule: one placeholder per merged patch.
+    (whose PIL backend needs nothing extra), video frames through
+    ``edgecm.video``, and each ``<|image_pad|>`` / ``<|video_pad|>`` is expanded
+    here by the same rule: one placeholder per merged patch.
     """
 
-    def __init__(self, directory: Path, image_token: str, min_pixels: int | None, max_pixels: int | None):
+    takes_video = True
+
+    def __init__(
+        self, directory: Path, config: ModelConfig, min_pixels: int | None, max_pixels: int | None
+    ):
         import json
 
         import transformers
@@ -147,7 +157,11 @@ class QwenProcessor:
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory))
         overrides = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
         self.image_processor = transformers.AutoImageProcessor.from_pretrained(str(directory), **overrides)
-        self.image_token = image_token
+        # The placeholders are whatever tokens config.json's ids name in this tokenizer.
+        self.image_token = self.tokenizer.convert_ids_to_tokens(config.image_token_id)
+        self.video_token_id = config.vision.video_token_id
+        self.video_token = None if self.video_token_id is None else self.tokenizer.convert_ids_to_tokens(self.video_token_id)
+        self.video_pixels = _video_pixel_limits(directory, self.image_processor, min_pixels, max_pixels)
         template = None
         # Published checkpoints keep the template beside the processor (chat_template.json), 5.x as a .jinja file.
         if (directory / "chat_template.json").is_file():
@@ -165,53 +179,101 @@ class QwenProcessor:
             messages, chat_template=self.chat_template, add_generation_prompt=add_generation_prompt, tokenize=tokenize
         )
 
-    def __call__(self, images, text: str, return_tensors: str = "pt", add_special_tokens: bool = True) -> dict:
-        images = images if isinstance(images, (list, tuple)) else [images]
-        pixels = self.image_processor(images=list(images), return_tensors=return_tensors)
-        grids = pixels["image_grid_thw"]  # (N, 3)
-        pieces = text.split(self.image_token)
-        if len(pieces) - 1 != len(images):
+    def __call__(
+        self, images=None, text: str = "", videos=None, return_tensors: str = "pt", add_special_tokens: bool = True
+    ) -> dict:
+        """Pixel values and grids of the image(s) and of one video (an ``edgecm.video.Video``), and the ids of
+        ``text`` with every placeholder expanded."""
+        out: dict = {}
+        if images is not None:
+            images = list(images) if isinstance(images, (list, tuple)) else [images]
+            pixels = self.image_processor(images=images, return_tensors="pt")
+            out.update(pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
+            text = self._expand(text, self.image_token, pixels["image_grid_thw"], "image")
+        if videos is not None:
+            out.update(self._video(videos))
+            text = self._expand(text, self.video_token, out["video_grid_thw"], "video")
+        enc = self.tokenizer(text, return_tensors=return_tensors, add_special_tokens=add_special_tokens)
+        return {"input_ids": enc["input_ids"], **out}
+
+    def _expand(self, text: str, token: str | None, grids: torch.Tensor, kind: str) -> str:
+        pieces = text.split(token) if token else [text]
+        if len(pieces) - 1 != len(grids):
             raise EdgecmError(
-                f"the prompt has {len(pieces) - 1} image placeholders for {len(images)} images; "
-                f"the chat template and the images disagree"
+                f"the prompt has {len(pieces) - 1} {kind} placeholders for {len(grids)} {kind}s; "
+                f"the chat template and the inputs disagree"
             )
         expanded = pieces[0]
         for grid, rest in zip(grids, pieces[1:]):
-            expanded += self.image_token * (int(grid.prod()) // self.merge_size**2) + rest
-        enc = self.tokenizer(expanded, return_tensors=return_tensors, add_special_tokens=add_special_tokens)
-        return {"input_ids": enc["input_ids"], "pixel_values": pixels["pixel_values"], "image_grid_thw": grids}
+            expanded += token * (int(grid.prod()) // self.merge_size**2) + rest
+        return expanded
+
+    def _video(self, video) -> dict:
+        from edgecm.video import frames_to_patches
+
+        ip = self.image_processor
+        factor = int(ip.patch_size) * self.merge_size
+        width, height = video.frames[0].size
+        size = smart_resize(height, width, factor, *self.video_pixels)
+        temporal = int(ip.temporal_patch_size)
+        patches, grid = frames_to_patches(
+            list(video.frames), size, ip.image_mean, ip.image_std, int(ip.patch_size), self.merge_size, temporal
+        )
+        return {
+            "pixel_values_videos": patches,
+            "video_grid_thw": grid,
+            "second_per_grid_ts": [temporal / video.fps],  # seconds each temporal patch spans
+            "video_token_id": self.video_token_id,
+        }
 
 
 def rope_index(
-    input_ids: torch.Tensor, vision_token_id: int, grids: torch.Tensor | None, merge_size: int
+    input_ids: torch.Tensor, blocks: dict[int, list[tuple[list[int], float]]], merge_size: int
 ) -> torch.Tensor:
-    """3-D position ids (3, T) of one prompt, as transformers' ``get_rope_index`` computes them for images.
+    """3-D position ids (3, T) of one prompt, as transformers' ``get_rope_index`` computes them.
 
-    input_ids: (T,); grids: (N, 3) patch grids of the images in prompt order.
+    input_ids: (T,); blocks: placeholder token id -> [(patch grid (t, h, w), time interval)] of that
+    kind's inputs in prompt order; the interval spaces the temporal ids (tokens_per_second x seconds
+    per temporal patch for a video, 1 for an image). Text after a block resumes at its start +
+    max(rows, columns), as transformers 5.x does, whatever the temporal ids reached.
     """
     ids = input_ids.tolist()
-    grids = [] if grids is None else grids.tolist()
+    queues = {token: list(items) for token, items in blocks.items()}
     columns: list[torch.Tensor] = []
-    start, i, image = 0, 0, 0
+    start, i = 0, 0
     while i < len(ids):
-        if ids[i] != vision_token_id:
+        if ids[i] not in queues:
             j = i
-            while j < len(ids) and ids[j] != vision_token_id:
+            while j < len(ids) and ids[j] not in queues:
                 j += 1
             columns.append(torch.arange(start, start + j - i).expand(3, -1))
             start += j - i
             i = j
             continue
-        if image >= len(grids):
-            raise EdgecmError("the prompt holds more image tokens than its images; rebuild it with the processor")
-        t, h, w = grids[image]
-        t, h, w = t, h // merge_size, w // merge_size
-        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+        if not queues[ids[i]]:
+            raise EdgecmError("the prompt holds more vision tokens than its inputs; rebuild it with the processor")
+        (t, h, w), interval = queues[ids[i]].pop(0)
+        h, w = h // merge_size, w // merge_size
+        temporal = (torch.arange(t) * interval).long()
+        tt, hh, ww = torch.meshgrid(temporal, torch.arange(h), torch.arange(w), indexing="ij")
         columns.append(torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + start)  # (3, t*h*w)
-        start += max(h, w)  # text resumes after the image's largest spatial id
+        start += max(h, w)
         i += t * h * w
-        image += 1
     return torch.cat(columns, dim=1) if columns else torch.zeros(3, 0, dtype=torch.long)
+
+
+def _video_pixel_limits(directory: Path, image_processor: Any, min_pixels: int | None, max_pixels: int | None):
+    """(min, max) pixels of a video frame: the overrides, else video_preprocessor_config.json, else the images'."""
+    import json
+
+    low, high = image_processor.size.shortest_edge, image_processor.size.longest_edge
+    path = directory / "video_preprocessor_config.json"
+    if path.is_file():
+        video = json.loads(path.read_text())
+        size = video.get("size") or {}
+        low = video.get("min_pixels") or size.get("shortest_edge") or low
+        high = video.get("max_pixels") or size.get("longest_edge") or high
+    return (min_pixels or low, max_pixels or high)
 
 
 class Qwen2_5_VLFamily(Family):
@@ -277,10 +339,7 @@ class Qwen2_5_VLFamily(Family):
                 raise EdgecmError(f"{label} {value}: must be a positive number of pixels")
         if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
             raise EdgecmError(f"min_pixels {min_pixels} is above max_pixels {max_pixels}; lower it or raise max_pixels")
-        processor = QwenProcessor(directory, "<|image_pad|>", min_pixels, max_pixels)
-        # The placeholder is whatever token config.json's image_token_id names in this tokenizer.
-        processor.image_token = processor.tokenizer.convert_ids_to_tokens(config.image_token_id)
-        return processor
+        return QwenProcessor(directory, config, min_pixels, max_pixels)
 
     # -- prompts and positions ----------------------------------------------------------------
 
@@ -293,20 +352,26 @@ class Qwen2_5_VLFamily(Family):
         return "".join(parts) + "<|im_start|>assistant\n"
 
     def check_prompt(self, config: ModelConfig, prompt: "Prompt") -> None:
-        grids = prompt.image_grid_thw
-        expected = 0 if grids is None else sum(config.vision.tokens(g) for g in grids)
-        found = int(prompt.image_positions.numel())
-        if found != expected:
-            raise EdgecmError(
-                f"the processor produced {found} image tokens but the image grids give {expected}; "
-                f"the checkpoint's processor files (merge_size, patch_size) do not match its config.json"
-            )
+        for token, _, grids in prompt.vision_inputs():
+            expected = 0 if grids is None else sum(config.vision.tokens(g) for g in grids)
+            found = int((prompt.input_ids[0] == token).sum())
+            if found != expected:
+                raise EdgecmError(
+                    f"the processor produced {found} vision tokens but the grids give {expected}; "
+                    f"the checkpoint's processor files (merge_size, patch_size) do not match its config.json"
+                )
 
     def positions(self, config: ModelConfig, prompt: "Prompt", device: torch.device) -> torch.Tensor:
         """3-D rotary ids (3, T) of the prompt."""
-        grids = prompt.image_grid_thw if prompt.pixel_values is not None else None
-        token = config.image_token_id if grids is not None else -1
-        return rope_index(prompt.input_ids[0].cpu(), token, grids, config.vision.merge_size).to(device)
+        blocks: dict[int, list[tuple[list[int], float]]] = {}
+        for token, _, grids in prompt.vision_inputs():
+            video = token == prompt.video_token_id and token != prompt.image_token_id
+            seconds = list(prompt.second_per_grid_ts or [1.0] * len(grids)) if video else [None] * len(grids)
+            # Only a video's temporal ids are spaced in time; an image's single frame sits at the block start.
+            blocks[token] = [
+                (g.tolist(), config.vision.tokens_per_second * s if video else 1.0) for g, s in zip(grids, seconds)
+            ]
+        return rope_index(prompt.input_ids[0].cpu(), blocks, config.vision.merge_size).to(device)
 
     def next_position(self, config: ModelConfig, prompt: "Prompt") -> int:
         """The largest prompt id + 1 (transformers' rope delta added to the prompt length)."""
