@@ -91,6 +91,10 @@ class Family:
         """Bytes of the vision encoder (as loaded for one request) in the compute dtype."""
         return 0
 
+    def vision_activation_bytes(self, config: "ModelConfig", compute_bytes: int) -> int | None:
+        """Peak activations of the vision encoder on one planned image; None lets the planner estimate them."""
+        return None
+
     def image_tokens(self, config: "ModelConfig") -> int:
         """Image tokens of one image at the processor's default size (what the planner plans for)."""
         return 0

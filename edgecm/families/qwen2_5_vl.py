@@ -327,6 +327,14 @@ class Qwen2_5_VLFamily(Family):
     def vision_bytes(self, config: ModelConfig, compute_bytes: int) -> int:
         return tower_params(config.vision.tower) * compute_bytes
 
+    def vision_activation_bytes(self, config: ModelConfig, compute_bytes: int) -> int:
+        """One block's working set over every patch of the planned image (4 patches per token): hidden,
+        residual and norm (3 x h), q/k/v and output (4 x h), gate/up/product (3 x intermediate); SDPA's
+        fused kernels keep attention scores out of memory."""
+        tower = config.vision.tower
+        patches = self.image_tokens(config) * config.vision.merge_size**2
+        return patches * (7 * int(tower["hidden_size"]) + 3 * int(tower["intermediate_size"])) * compute_bytes
+
     def image_tokens(self, config: ModelConfig) -> int:
         v: QwenVisionConfig = config.vision
         factor = v.patch_size * v.merge_size
