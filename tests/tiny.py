@@ -242,8 +242,9 @@ def tiny_qwen2_5_vl(
 ):
     """Save a tiny Qwen2_5_VLForConditionalGeneration into ``out``; return the model (eval, float32).
 
-    ``layout="published"``: flat config.json and ``model.layers`` / ``visual.*`` keys, as on the hub;
-    ``layout="v5"``: nested config.json and transformers 5.x module-tree keys (``model.language_model``).
+    ``layout="published"``: flat config.json, ``model.layers`` / ``visual.*`` keys, preprocessor_config.json
+    and chat_template.json, as on the hub; ``layout="v5"``: nested config.json, transformers 5.x
+    module-tree keys (``model.language_model``), processor_config.json and chat_template.jinja.
     The tower has 2 blocks, the first windowed (2x2 merged patches per window), the second global.
     """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -283,9 +284,28 @@ def tiny_qwen2_5_vl(
         patch_size=QWEN_PATCH, temporal_patch_size=2, merge_size=2, min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS
     )
     image_processor.save_pretrained(str(out))
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    tokenizer.save_pretrained(str(out))
+    if layout == "published":
+        _publish_qwen_processor_files(out, tokenizer)
+    else:  # transformers 5.x processors nest the image processor's settings in processor_config.json
+        image_config = json.loads((out / "preprocessor_config.json").read_text())
+        (out / "preprocessor_config.json").unlink()
+        nested = {"image_processor": image_config, "processor_class": "Qwen2_5_VLProcessor"}
+        (out / "processor_config.json").write_text(json.dumps(nested, indent=2))
+        tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+        tokenizer.save_pretrained(str(out))
     return model
+
+
+def _publish_qwen_processor_files(model_dir: Path, tokenizer) -> None:
+    """Processor files as the hub ships Qwen2.5-VL: min_pixels/max_pixels at the top of
+    preprocessor_config.json and the chat template in chat_template.json, not in the tokenizer."""
+    path = model_dir / "preprocessor_config.json"
+    config = json.loads(path.read_text())
+    size = config.pop("size")
+    config.update(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"], processor_class="Qwen2_5_VLProcessor")
+    path.write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(str(model_dir))
+    (model_dir / "chat_template.json").write_text(json.dumps({"chat_template": QWEN_CHAT_TEMPLATE}))
 
 
 def write_wide_image(path: Path, width: int = 96, height: int = 48) -> Path:
