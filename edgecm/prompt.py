@@ -139,14 +139,17 @@ class PromptBuilder:
         return self.build_conversation([("user", question)], image, 0, video)
 
     def build_conversation(
-        self, turns: list[tuple[str, str]], image=None, image_turn: int | None = 0, video=None
+        self, turns: list[tuple[str, str]], image=None, image_turn: int | None = 0, video=None,
+        video_turn: int | None = None,
     ) -> Prompt:
-        """Tokenise a conversation; ``image`` (PIL or None) and ``video`` (frames or None) belong to user
-        turn ``image_turn``."""
+        """Tokenise a conversation; ``image`` (PIL or None) belongs to user turn ``image_turn``, ``video``
+        (an ``edgecm.video.Video`` or None) to ``video_turn`` (default: the image's turn)."""
         if (image is not None or video is not None) and not self.config.is_multimodal:
             raise EdgecmError("this is a text-only model; drop --image or pass --model a vision-language checkpoint")
+        if video_turn is None:
+            video_turn = image_turn
         text = self.render_conversation(
-            turns, image_turn if image is not None else None, image_turn if video is not None else None
+            turns, image_turn if image is not None else None, video_turn if video is not None else None
         )
         bos = self.tokenizer.bos_token
         # A template that already writes BOS must not get a second one from the tokenizer.

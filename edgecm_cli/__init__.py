@@ -303,9 +303,9 @@ def _commands():
         "chat": (
             "multi-turn terminal chat with a live memory and speed panel",
             "Chat in the terminal. Answers stream with a live panel (memory, KV cache, kept image tokens, "
-            "FFN neurons, prefill time, tok/s). Commands: /image PATH, /stats, /reset, /help, /quit. "
+            "FFN neurons, prefill time, tok/s). Commands: /image PATH, /video DIR, /stats, /reset, /help, /quit. "
             "Ctrl-C stops an answer, Ctrl-D leaves.",
-            ("image", *model, *sampling, *SPARSITY_FLAGS),
+            ("image", "video", "fps", "max_frames", *model, *sampling, *SPARSITY_FLAGS),
             cmd_chat,
             {},
         ),

@@ -130,3 +130,44 @@ def test_run_command_with_a_video(build_qwen2_5_vl, frames_dir, tmp_path, capsys
     assert edgecm_cli.main(base + ["--video", str(empty)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no frames" in err
+
+
+def test_chat_attaches_a_video_to_the_next_turn(build_qwen2_5_vl, frames_dir, image_path, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    import edgecm_cli
+    from edgecm_cli.chat import Chat
+
+    model_dir, _ = build_qwen2_5_vl(**MODELS["published-untied"])
+    args = edgecm_cli.build_parser().parse_args(["chat", "--model", str(model_dir), "--max-new-tokens", "3"])
+    out = io.StringIO()
+    chat = Chat(edgecm_cli.load_model(args), Console(file=out, width=120))
+    chat.command(f"/video {tmp_path}")
+    assert "no frames" in out.getvalue() and chat.video is None
+    chat.command(f"/video {frames_dir}")
+    assert "video attached" in out.getvalue()
+    chat.answer("What happens?")
+    assert chat.last.image_tokens == 24 and chat.video_turn == 0
+    chat.command(f"/image {image_path}")
+    chat.answer("And in the picture?")  # the video stays with the first user turn, the image goes with this one
+    assert chat.last.image_tokens == 24 + 9 and chat.image_turn == 2  # turns: user, assistant, user
+    assert "kept" in out.getvalue()
+
+
+def test_image_and_video_in_one_prompt_match_transformers(setup, frames_dir, image_path):
+    from edgecm.vision import load_image
+
+    engine, builder, reference, _ = setup
+    prompt = builder.build(QUESTION, load_image(image_path), read_video(frames_dir))
+    ids = prompt.input_ids
+    inputs = dict(
+        reference_inputs(prompt), pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw,
+        mm_token_type_ids=(ids == prompt.image_token_id).int() + 2 * (ids == prompt.video_token_id).int(),
+    )
+    with torch.inference_mode():
+        err = (engine.forward(prompt) - reference(**inputs).logits).abs()
+    print(f"image + video: max logit error {err.max().item():.3e}")
+    assert prompt.image_positions.numel() == 9 + 24
+    assert err.max().item() <= LOGITS_ATOL, f"max {err.max().item():.3e} mean {err.mean().item():.3e}"
