@@ -187,7 +187,7 @@ def load_model_config(model_dir: Path) -> ModelConfig:
     if not path.is_file():
         raise EdgecmError(
             f"{path}: no config.json; point --model at a checkpoint directory "
-            f"(llava-hf or Llama layout) that contains config.json"
+            f"(llava-hf, Qwen2.5-VL or Llama layout) that contains config.json"
         )
     try:
         raw = json.loads(path.read_text())

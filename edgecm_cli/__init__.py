@@ -41,7 +41,7 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
             ("--model",),
             dict(
                 metavar="PATH",
-                help="checkpoint directory (llava-hf or Llama, safetensors) or a LLaMA .gguf file; "
+                help="checkpoint directory (llava-hf, Qwen2.5-VL or Llama, safetensors) or a LLaMA .gguf file; "
                 "default: the embedded demo model, built on first use",
             ),
         ),
@@ -200,7 +200,6 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
             ("--shard",),
             dict(metavar="I/N", help="caption only shard I of N (0 <= I < N), chosen by a hash of each path"),
         ),
-        "image_required": (("--image",), dict(required=True, metavar="PATH", help="image file")),
         "png_out": (("--out",), dict(required=True, metavar="FILE.png", help="where to write the picture")),
         "budget": (("--budget",), dict(required=True, metavar="SIZE", help="device memory budget, e.g. 12GiB")),
         "profile": (
@@ -319,9 +318,10 @@ def _commands():
         ),
         "show": (
             "draw the kept core tokens, the knee curve and the core-neuron counts",
-            "Run one question and draw a PNG: the image with the kept core tokens highlighted on the patch "
-            "grid, the sorted match-score curve with the knee marked, and the core neurons per layer.",
-            ("image_required", "question", "png_out", *model, *sampling, *SPARSITY_FLAGS),
+            "Run one question and draw a PNG: the image (or, for --video, the first frame of each temporal patch, "
+            "top to bottom) with the kept core tokens highlighted on the patch grid, the sorted match-score curve "
+            "with the knee marked, and the core neurons per layer.",
+            ("image", "video", "fps", "max_frames", "question", "png_out", *model, *sampling, *SPARSITY_FLAGS),
             cmd_show,
             {"max_new_tokens": SHOW_NEW_TOKENS},
         ),

@@ -171,3 +171,29 @@ def test_image_and_video_in_one_prompt_match_transformers(setup, frames_dir, ima
     print(f"image + video: max logit error {err.max().item():.3e}")
     assert prompt.image_positions.numel() == 9 + 24
     assert err.max().item() <= LOGITS_ATOL, f"max {err.max().item():.3e} mean {err.mean().item():.3e}"
+
+
+def test_show_frames_the_kept_tokens_of_each_temporal_patch(build_qwen2_5_vl, frames_dir, tmp_path, capsys):
+    from PIL import Image
+
+    import edgecm_cli
+    from edgecm_cli.show import KEPT_FRAME, PATCH_SCALE
+
+    model_dir, _ = build_qwen2_5_vl(**MODELS["published-untied"])
+    out = tmp_path / "show.png"
+    code = edgecm_cli.main(["show", "--model", str(model_dir), "--video", str(frames_dir), "-q", QUESTION,
+                            "--out", str(out), "--tokens", "count:7", "--max-new-tokens", "4"])
+    assert code == 0 and out.is_file()
+    checkpoint = open_checkpoint(model_dir)
+    prompt = PromptBuilder(checkpoint).build(QUESTION, video=read_video(frames_dir))
+    result = Engine(checkpoint).generate(
+        prompt, GenerationSettings(max_new_tokens=4), sparsity=SparsitySettings(tokens=TokenRule.parse("count:7"))
+    )
+    picture = Image.open(out).convert("RGB")
+    cell, header, (frames, rows, cols) = 16 * PATCH_SCALE, 58, (2, 3, 4)  # two temporal patches of 3x4 tokens
+    framed = {i for i in range(frames * rows * cols)
+              if picture.getpixel(((i % cols) * cell + cell // 2, header + (i // cols) * cell)) == KEPT_FRAME}
+    assert framed == set(result.selection.keep.tolist())
+    assert "kept 7 of 24" in capsys.readouterr().out
+    code = edgecm_cli.main(["show", "--model", str(model_dir), "-q", QUESTION, "--out", str(out)])
+    assert code == 2 and "--image PATH or --video DIR" in capsys.readouterr().err

@@ -145,6 +145,10 @@ class Family:
         std = torch.tensor(image.image_std).view(3, 1, 1)
         return (prompt.pixel_values[0].float() * std + mean).clamp(0, 1)
 
+    def video_view(self, config: "ModelConfig", prompt: "Prompt", processor: Any) -> torch.Tensor:
+        """One frame per token grid of the prompt's video, (t, 3, H, W) in [0, 1]; families with video say how."""
+        raise EdgecmError("this model takes no video")
+
     def patch_grid(self, config: "ModelConfig", prompt: "Prompt") -> tuple[int, int]:
         """(rows, columns) of image tokens over the image as the processor resized it, for ``show``."""
         raise EdgecmError("this model has no vision side")

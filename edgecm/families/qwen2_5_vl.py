@@ -394,19 +394,30 @@ class Qwen2_5_VLFamily(Family):
         blocks, each block row-major), each patch as (C, temporal, p, p); an
         image repeats its one frame over the temporal patch, so frame 0 is it.
         """
-        v: QwenVisionConfig = config.vision
         t, h, w = (int(x) for x in prompt.image_grid_thw[0])
+        return self._frames(config, prompt.pixel_values[: t * h * w], (t, h, w), processor)[0]
+
+    def video_view(self, config: ModelConfig, prompt: "Prompt", processor: Any) -> torch.Tensor:
+        """The first frame of each temporal patch of the video: (t, 3, H, W) in [0, 1], one per token grid."""
+        t, h, w = (int(x) for x in prompt.video_grid_thw[0])
+        return self._frames(config, prompt.video_pixel_values, (t, h, w), processor)
+
+    @staticmethod
+    def _frames(config: ModelConfig, patches: torch.Tensor, grid: tuple[int, int, int], processor: Any) -> torch.Tensor:
+        v: QwenVisionConfig = config.vision
+        t, h, w = grid
         m, p, c = v.merge_size, v.patch_size, int(v.tower.get("in_channels", 3))
-        patches = prompt.pixel_values[: t * h * w].float()
-        blocks = patches.view(t, h // m, w // m, m, m, c, v.temporal_patch_size, p, p)[0, ..., 0, :, :]
-        image = blocks.permute(4, 0, 2, 5, 1, 3, 6).reshape(c, h * p, w * p)  # (C, H, W)
-        mean = torch.tensor(processor.image_processor.image_mean).view(3, 1, 1)
-        std = torch.tensor(processor.image_processor.image_std).view(3, 1, 1)
-        return (image * std + mean).clamp(0, 1)
+        blocks = patches.float().view(t, h // m, w // m, m, m, c, v.temporal_patch_size, p, p)[..., 0, :, :]
+        frames = blocks.permute(0, 5, 1, 3, 6, 2, 4, 7).reshape(t, c, h * p, w * p)  # (t, C, H, W)
+        mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
+        return (frames * std + mean).clamp(0, 1)
 
     def patch_grid(self, config: ModelConfig, prompt: "Prompt") -> tuple[int, int]:
-        if prompt.image_grid_thw is None:
-            raise EdgecmError("the prompt has no image; pass --image")
-        _, h, w = (int(x) for x in prompt.image_grid_thw[0])
+        """(rows, columns) of tokens over the image, or over each temporal patch of the video."""
+        grids = prompt.image_grid_thw if prompt.image_grid_thw is not None else prompt.video_grid_thw
+        if grids is None:
+            raise EdgecmError("the prompt has no image or video; pass --image or --video")
+        _, h, w = (int(x) for x in grids[0])
         m = config.vision.merge_size
         return h // m, w // m
