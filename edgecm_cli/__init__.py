@@ -54,6 +54,10 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
                 "e.g. ffmpeg -i clip.mp4 -vf fps=2 DIR/%%05d.png",
             ),
         ),
+        "videos": (
+            ("--videos",),
+            dict(action="store_true", help="each input folder is one video, a folder of frames (Qwen2.5-VL)"),
+        ),
         "fps": (
             ("--fps",),
             dict(type=float, default=video.fps, metavar="F", help="frames per second of the --video folder (default: %(default)s)"),
@@ -312,7 +316,7 @@ def _commands():
             "caption many images into a JSONL file, resumable",
             "Caption image files, folders (recursively) and text files listing paths. One JSON line per image, "
             "flushed and fsynced as written; run again with the same --out to resume.",
-            ("inputs", "out", "prompt", "shard", *model, *sampling, *SPARSITY_FLAGS),
+            ("inputs", "out", "prompt", "shard", "videos", "fps", "max_frames", *model, *sampling, *SPARSITY_FLAGS),
             cmd_caption,
             {"max_new_tokens": CAPTION_NEW_TOKENS},
         ),

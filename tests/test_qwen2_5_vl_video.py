@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -197,3 +199,21 @@ def test_show_frames_the_kept_tokens_of_each_temporal_patch(build_qwen2_5_vl, fr
     assert "kept 7 of 24" in capsys.readouterr().out
     code = edgecm_cli.main(["show", "--model", str(model_dir), "-q", QUESTION, "--out", str(out)])
     assert code == 2 and "--image PATH or --video DIR" in capsys.readouterr().err
+
+
+def test_caption_videos_and_images_together(build_qwen2_5_vl, frames_dir, image_path, tmp_path, capsys):
+    import json
+
+    import edgecm_cli
+
+    model_dir, _ = build_qwen2_5_vl(**MODELS["published-untied"])
+    empty = tmp_path / "empty_clip"
+    empty.mkdir()
+    out = tmp_path / "captions.jsonl"
+    code = edgecm_cli.main(["caption", str(frames_dir), str(empty), str(image_path), "--videos", "--out", str(out),
+                            "--model", str(model_dir), "--max-new-tokens", "3"])
+    assert code == 0, capsys.readouterr().err
+    records = {Path(r["path"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    assert records[frames_dir.name]["image_tokens"] == 24
+    assert records[image_path.name]["image_tokens"] == 9
+    assert "no frames" in records["empty_clip"]["error"]
