@@ -217,3 +217,17 @@ def test_caption_videos_and_images_together(build_qwen2_5_vl, frames_dir, image_
     assert records[frames_dir.name]["image_tokens"] == 24
     assert records[image_path.name]["image_tokens"] == 9
     assert "no frames" in records["empty_clip"]["error"]
+
+
+def test_text_after_a_long_video_resumes_past_its_temporal_ids():
+    """8 temporal patches 2 ids apart on a 2x2 token grid: the video's ids reach start + 14 on the temporal
+    axis, so the text after it starts at start + 15 (Qwen's rule), not at start + 2 (transformers 5.x)."""
+    from edgecm.families.qwen2_5_vl import rope_index
+
+    ids = torch.tensor([7, 7] + [6] * 32 + [7, 7])  # text, video (token 6), text
+    positions = rope_index(ids, {6: [([8, 4, 4], 2.0)]}, merge_size=2)
+    assert positions[:, :2].tolist() == [[0, 1]] * 3
+    video = positions[:, 2:34]
+    assert video[0].tolist() == [2 + 2 * (i // 4) for i in range(32)]
+    assert video[1].tolist() == [2 + (i % 4) // 2 for i in range(32)]
+    assert positions[:, 34:].tolist() == [[17, 18]] * 3

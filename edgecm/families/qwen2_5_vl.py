@@ -18,9 +18,11 @@ the checkpoint's ``visual.*`` tensors, run once and freed.
 Position ids are 3-D (temporal, height, width) as transformers'
 ``get_rope_index`` computes them: text tokens count up on all three axes; an
 image's tokens share the temporal id where the image starts and take
-start + row and start + column on the others; text after an image resumes at
-start + max(rows, columns). Decoding continues at the largest prompt id + 1,
-not at the prompt length.
+start + row and start + column on the others; a video's temporal ids step by
+tokens_per_second x second_per_grid_ts; text after an image or video resumes
+at the largest id it used + 1 (see ``rope_index`` for where transformers 5.x
+differs on long videos). Decoding continues at the largest prompt id + 1, not
+at the prompt length.
 """
 
 from __future__ import annotations
@@ -234,8 +236,12 @@ def rope_index(
 
     input_ids: (T,); blocks: placeholder token id -> [(patch grid (t, h, w), time interval)] of that
     kind's inputs in prompt order; the interval spaces the temporal ids (tokens_per_second x seconds
-    per temporal patch for a video, 1 for an image). Text after a block resumes at its start +
-    max(rows, columns), as transformers 5.x does, whatever the temporal ids reached.
+    per temporal patch for a video, 1 for an image).
+
+    Text after a block resumes at the largest id the block used + 1, as Qwen's own code and
+    transformers 4.x do. transformers 5.x resumes at start + max(rows, columns) instead: the same
+    for images, but for a video whose temporal ids run past its spatial ones it makes the text reuse
+    ids of later frames. edgecm keeps the rule the model was trained with.
     """
     ids = input_ids.tolist()
     queues = {token: list(items) for token, items in blocks.items()}
@@ -256,8 +262,9 @@ def rope_index(
         h, w = h // merge_size, w // merge_size
         temporal = (torch.arange(t) * interval).long()
         tt, hh, ww = torch.meshgrid(temporal, torch.arange(h), torch.arange(w), indexing="ij")
-        columns.append(torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + start)  # (3, t*h*w)
-        start += max(h, w)
+        block = torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + start  # (3, t*h*w)
+        columns.append(block)
+        start = int(block.max()) + 1
         i += t * h * w
     return torch.cat(columns, dim=1) if columns else torch.zeros(3, 0, dtype=torch.long)
 
