@@ -293,3 +293,13 @@ def test_show_frames_exactly_the_kept_tokens_of_a_wide_image(build_qwen2_5_vl, w
               if picture.getpixel(((i % cols) * cell + cell // 2, header + (i // cols) * cell)) == KEPT_FRAME}
     assert framed == set(result.selection.keep.tolist())
     assert "kept 5 of 18" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("height, width, max_pixels", [(720, 1280, 12845056), (720, 1280, 401408), (37, 500, 50000),
+                                                       (3000, 20, 1003520), (10, 10, 12845056)])
+def test_planner_resize_rule_is_the_processors(height, width, max_pixels):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as reference
+
+    from edgecm.families.qwen2_5_vl import smart_resize
+
+    assert smart_resize(height, width, 28, 3136, max_pixels) == reference(height, width, 28, 3136, max_pixels)
