@@ -135,7 +135,7 @@ class PromptBuilder:
         return self.family.fallback_prompt(turns, image_turn, self.tokenizer.eos_token or "")
 
     def build(self, question: str, image=None, video=None) -> Prompt:
-        """Tokenise one turn; ``image`` is a PIL image or None, ``video`` a list of PIL frames or None."""
+        """Tokenise one turn; ``image`` is a PIL image or None, ``video`` an ``edgecm.video.Video`` or None."""
         return self.build_conversation([("user", question)], image, 0, video)
 
     def build_conversation(
