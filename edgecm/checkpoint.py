@@ -8,11 +8,14 @@ Canonical names (what the rest of edgecm uses, whatever the file says):
     layers.{i}.{input_layernorm,post_attention_layernorm}.weight
     vision_tower.<CLIPVisionModel state-dict name, without a ``vision_model.`` wrapper>
     multi_modal_projector.linear_{1,2}.{weight,bias}
+    visual.<Qwen2_5_VisionTransformerPretrainedModel state-dict name>
 
 Accepted layouts: llava-hf as saved by transformers 4.x
 (``language_model.model.layers.N``), by transformers 5.x
 (``model.language_model.layers.N``, ``model.vision_tower``, ``lm_head``),
-plain ``LlamaForCausalLM`` (``model.layers.N``), and GGUF files.
+Qwen2.5-VL as published (``model.layers.N``, ``visual.*``) and as the 5.x
+module tree (``model.language_model.*``, ``model.visual.*``), plain
+``LlamaForCausalLM`` (``model.layers.N``), and GGUF files.
 """
 
 from __future__ import annotations

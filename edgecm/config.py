@@ -43,11 +43,16 @@ class RopeConfig:
     truncate: bool = True
     short_factor: tuple[float, ...] | None = None
     long_factor: tuple[float, ...] | None = None
+    # Multimodal RoPE (Qwen2.5-VL): how many of the head_dim/2 frequencies follow the temporal,
+    # height and width position ids; None for 1-D RoPE.
+    mrope_section: tuple[int, ...] | None = None
 
     @staticmethod
     def from_dict(params: dict[str, Any] | None, default_theta: float = 10000.0) -> "RopeConfig":
         params = dict(params or {})
         rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type == "mrope":  # published Qwen2-VL configs; transformers reads it as default + mrope_section
+            rope_type = "default"
 
         def opt_float(key: str) -> float | None:
             return None if params.get(key) is None else float(params[key])
@@ -72,6 +77,7 @@ class RopeConfig:
             truncate=bool(params.get("truncate", True)),
             short_factor=opt_tuple("short_factor"),
             long_factor=opt_tuple("long_factor"),
+            mrope_section=None if params.get("mrope_section") is None else tuple(int(v) for v in params["mrope_section"]),
         )
 
 
@@ -133,13 +139,15 @@ def _eos_ids(*values: Any) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def text_config_from_hf(cfg: Any, extra_eos: Any = None) -> TextConfig:
-    """Copy a transformers LlamaConfig into a TextConfig."""
+def text_config_from_hf(
+    cfg: Any, extra_eos: Any = None, model_types: tuple[str, ...] = SUPPORTED_TEXT_MODEL_TYPES
+) -> TextConfig:
+    """Copy a transformers LlamaConfig (or a family's LLaMA-shaped text config of ``model_types``) into a TextConfig."""
     model_type = getattr(cfg, "model_type", "llama")
-    if model_type not in SUPPORTED_TEXT_MODEL_TYPES:
+    if model_type not in model_types:
         raise EdgecmError(
             f"config.json: language model type '{model_type}' is not supported; "
-            f"edgecm runs LLaMA-family decoders ({', '.join(SUPPORTED_TEXT_MODEL_TYPES)})"
+            f"edgecm runs LLaMA-family decoders ({', '.join(model_types)})"
         )
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rope_params = getattr(cfg, "rope_parameters", None)
@@ -179,7 +187,7 @@ def load_model_config(model_dir: Path) -> ModelConfig:
     if not path.is_file():
         raise EdgecmError(
             f"{path}: no config.json; point --model at a checkpoint directory "
-            f"(llava-hf or Llama layout) that contains config.json"
+            f"(llava-hf, Qwen2.5-VL or Llama layout) that contains config.json"
         )
     try:
         raw = json.loads(path.read_text())

@@ -1,10 +1,12 @@
-"""A caller-owned KV cache, one growable buffer per layer, with the positions of its entries.
+"""A caller-owned KV cache, one growable buffer per layer, with the sequence index of each entry.
 
-Each layer stores keys and values as (B, H_kv, capacity, D) and the absolute
-position of every stored entry. Storing positions (instead of assuming entry
-i sits at position i) is what lets the cache be compacted, token pruning
-removing entries, while every surviving key keeps its rotary position and the
-causal mask stays right.
+Each layer stores keys and values as (B, H_kv, capacity, D) and the sequence
+index (the token's place in the prompt + generated text) of every stored
+entry. Storing the index (instead of assuming entry i is token i) is what lets
+the cache be compacted, token pruning removing entries, while the causal mask
+stays right. The index is not the rotary position: keys are stored already
+rotated, and with multimodal RoPE (Qwen2.5-VL) many image tokens share one
+rotary position, so only the sequence index can order them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ class LayerKV:
     def __init__(self) -> None:
         self.keys: torch.Tensor | None = None  # (B, H_kv, capacity, D)
         self.values: torch.Tensor | None = None
-        self.positions: torch.Tensor | None = None  # (capacity,) int64
+        self.order: torch.Tensor | None = None  # (capacity,) int64 sequence indices
         self.length = 0
 
     @property
@@ -28,12 +30,12 @@ class LayerKV:
         b, h, _, d = like.shape
         keys = like.new_empty((b, h, capacity, d))
         values = like.new_empty((b, h, capacity, d))
-        positions = torch.empty(capacity, dtype=torch.int64, device=like.device)
+        order = torch.empty(capacity, dtype=torch.int64, device=like.device)
         if self.length:
             keys[:, :, : self.length] = self.keys[:, :, : self.length]
             values[:, :, : self.length] = self.values[:, :, : self.length]
-            positions[: self.length] = self.positions[: self.length]
-        self.keys, self.values, self.positions = keys, values, positions
+            order[: self.length] = self.order[: self.length]
+        self.keys, self.values, self.order = keys, values, order
 
 
 class KVCache:
@@ -45,9 +47,9 @@ class KVCache:
         self.reserve_tokens = reserve_tokens
 
     def update(
-        self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor, order: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """keys/values: (B, H_kv, T, D); positions: (T,). Returns (keys, values, positions) of all entries."""
+        """keys/values: (B, H_kv, T, D); order: (T,) sequence indices. Returns (keys, values, order) of all entries."""
         kv = self.layers[layer]
         t = keys.shape[2]
         if kv.length + t > kv.capacity:
@@ -55,16 +57,17 @@ class KVCache:
         end = kv.length + t
         kv.keys[:, :, kv.length : end] = keys
         kv.values[:, :, kv.length : end] = values
-        kv.positions[kv.length : end] = positions.to(kv.positions.device)
+        kv.order[kv.length : end] = order.to(kv.order.device)
         kv.length = end
-        return kv.keys[:, :, :end], kv.values[:, :, :end], kv.positions[:end]
+        return kv.keys[:, :, :end], kv.values[:, :, :end], kv.order[:end]
 
     def length(self, layer: int) -> int:
         return self.layers[layer].length
 
-    def positions(self, layer: int) -> torch.Tensor:
+    def order(self, layer: int) -> torch.Tensor:
+        """Sequence indices of the layer's live entries, (S,)."""
         kv = self.layers[layer]
-        return kv.positions[: kv.length]
+        return kv.order[: kv.length]
 
     def prune(self, layer: int, keep: torch.Tensor) -> None:
         """Keep only entries at indices ``keep`` (sorted, into the stored order); the rest are gone, not zeroed."""
@@ -73,7 +76,7 @@ class KVCache:
         keep = keep.to(kv.keys.device)
         kv.keys[:, :, :n] = kv.keys[:, :, keep]
         kv.values[:, :, :n] = kv.values[:, :, keep]
-        kv.positions[:n] = kv.positions[keep]
+        kv.order[:n] = kv.order[keep]
         kv.length = n
 
     def nbytes(self) -> int:

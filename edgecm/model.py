@@ -6,6 +6,10 @@ used, and are dropped, and a sparse layer is the same record with sliced FFN
 matrices. The numerics follow transformers' Llama exactly (RMSNorm in float32,
 rotary embedding on absolute positions, scaled_dot_product_attention) so dense
 logits match it to float32 round-off.
+
+Rotary positions arrive as ready cos/sin tables; causal masking uses each
+token's sequence index (``order``) instead. The two are the same for 1-D RoPE,
+but not for multimodal RoPE, where many image tokens share a rotary position.
 """
 
 from __future__ import annotations
@@ -158,12 +162,12 @@ def attention(
     text: TextConfig,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    positions: torch.Tensor,
+    order: torch.Tensor,
     cache: KVCache,
     layer: int,
     observer: AttentionObserver | None = None,
 ) -> torch.Tensor:
-    """Grouped-query self-attention over the cache's entries plus ``x``. x: (B, T, d)."""
+    """Grouped-query self-attention over the cache's entries plus ``x``. x: (B, T, d); order: (T,) sequence indices."""
     b, t, _ = x.shape
     h, hkv, d = text.num_heads, text.num_kv_heads, text.head_dim
     q = linear(x, w.q, w.q_bias).view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
@@ -171,15 +175,15 @@ def attention(
     v = linear(x, w.v, w.v_bias).view(b, t, hkv, d).transpose(1, 2)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     had_entries = cache.length(layer) > 0
-    keys, values, kv_positions = cache.update(layer, k, v, positions)
+    keys, values, kv_order = cache.update(layer, k, v, order)
     if observer is not None:
         observer(q, keys)
     mask, causal = None, False
     if t > 1 and not had_entries:
-        # Entries are in position order, so plain causal masking is exact even after compaction.
+        # Entries are in sequence order, so plain causal masking is exact even after compaction.
         causal = True
     elif t > 1:
-        mask = kv_positions[None, :] <= positions.to(kv_positions.device)[:, None]  # (T, S)
+        mask = kv_order[None, :] <= order.to(kv_order.device)[:, None]  # (T, S)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=h != hkv)
     out = out.transpose(1, 2).reshape(b, t, h * d)
     return linear(out, w.o, w.o_bias)
@@ -201,7 +205,7 @@ def decoder_layer(
     text: TextConfig,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    positions: torch.Tensor,
+    order: torch.Tensor,
     cache: KVCache,
     layer: int,
     observer: FFNObserver | None = None,
@@ -209,6 +213,6 @@ def decoder_layer(
 ) -> torch.Tensor:
     """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(.)). x: (B, T, d)."""
     normed = rms_norm(x, w.input_norm, text.rms_norm_eps)
-    x = x + attention(normed, w, text, cos, sin, positions, cache, layer, attention_observer)
+    x = x + attention(normed, w, text, cos, sin, order, cache, layer, attention_observer)
     ffn_in = rms_norm(x, w.post_norm, text.rms_norm_eps)
     return x + feed_forward(ffn_in, w, activation(text.hidden_act), observer)

@@ -20,23 +20,47 @@ from edgecm.errors import EdgecmError
 
 @dataclass
 class Prompt:
-    """A tokenised prompt: ids (1, T), pixel values (1, 3, H, W) or None, and the rendered text."""
+    """A tokenised prompt: ids (1, T), pixel values or None, and the rendered text.
+
+    pixel_values are whatever the family's processor gives: (N, 3, H, W) for a
+    fixed-size tower (LLaVA), or flattened patches (P, C * t * p * p) for a
+    dynamic-resolution one (Qwen2.5-VL), which then also gives each image's
+    patch grid (t, h, w) in ``image_grid_thw`` (N, 3); a video is one more grid.
+    """
 
     input_ids: torch.Tensor
     pixel_values: torch.Tensor | None
     text: str
     image_token_id: int | None = None
+    image_grid_thw: torch.Tensor | None = None
+    # A video (Qwen2.5-VL): its flattened patches, its grid (1, 3), the seconds each temporal patch
+    # spans (which scale its temporal position ids), and its placeholder token.
+    video_pixel_values: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+    second_per_grid_ts: tuple[float, ...] | None = None
+    video_token_id: int | None = None
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[1])
 
+    def vision_inputs(self) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        """(placeholder token id, pixel values, grids) of the images, then of the video, where present."""
+        inputs = []
+        if self.pixel_values is not None and self.image_token_id is not None:
+            inputs.append((self.image_token_id, self.pixel_values, self.image_grid_thw))
+        if self.video_pixel_values is not None and self.video_token_id is not None:
+            inputs.append((self.video_token_id, self.video_pixel_values, self.video_grid_thw))
+        return inputs
+
     @property
     def image_positions(self) -> torch.Tensor:
-        """Positions holding image features, derived from the placeholder token (never fixed offsets)."""
-        if self.pixel_values is None or self.image_token_id is None:
-            return torch.empty(0, dtype=torch.long)
-        return (self.input_ids[0] == self.image_token_id).nonzero().flatten()
+        """Positions holding vision features (image and video tokens), derived from the placeholder tokens
+        (never fixed offsets): the tokens CoreMatching chooses among."""
+        mask = torch.zeros(self.num_tokens, dtype=torch.bool)
+        for token_id, _, _ in self.vision_inputs():
+            mask |= self.input_ids[0] == token_id
+        return mask.nonzero().flatten()
 
 
 def _quiet_transformers() -> None:
@@ -48,9 +72,13 @@ def _quiet_transformers() -> None:
 
 
 class PromptBuilder:
-    """Loads the tokenizer (and, for LLaVA, the processor) of a checkpoint."""
+    """Loads the tokenizer (and, for a vision-language model, the processor) of a checkpoint.
 
-    def __init__(self, checkpoint: Checkpoint):
+    ``min_pixels`` / ``max_pixels`` override a dynamic-resolution processor's
+    limits (Qwen2.5-VL): they decide how many tokens an image costs.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, min_pixels: int | None = None, max_pixels: int | None = None):
         _quiet_transformers()
         import transformers
 
@@ -59,7 +87,7 @@ class PromptBuilder:
         src = checkpoint.tokenizer_source
         try:
             if self.config.is_multimodal:
-                self.processor = transformers.AutoProcessor.from_pretrained(str(src.directory))
+                self.processor = self.family.load_processor(src.directory, self.config, min_pixels, max_pixels)
                 self.tokenizer = self.processor.tokenizer
             else:
                 self.processor = None
@@ -75,9 +103,10 @@ class PromptBuilder:
         # Strings the tokenizer turns into control tokens: in a user's text they would forge an image
         # placeholder or a turn boundary, so such text is refused instead of re-parsed.
         reserved = set(getattr(self.tokenizer, "all_special_tokens", []) or [])
-        image_token = getattr(self.processor, "image_token", None) or getattr(self.tokenizer, "image_token", None)
-        if image_token:
-            reserved.add(image_token)
+        for attribute in ("image_token", "video_token"):
+            token = getattr(self.processor, attribute, None) or getattr(self.tokenizer, attribute, None)
+            if token:
+                reserved.add(token)
         self.reserved_strings = tuple(sorted(t for t in reserved if t))
 
     @property
@@ -91,25 +120,31 @@ class PromptBuilder:
         """The prompt text for one user turn, ending where the assistant's answer begins."""
         return self.render_conversation([("user", question)], 0 if with_image else None)
 
-    def render_conversation(self, turns: list[tuple[str, str]], image_turn: int | None) -> str:
+    def render_conversation(
+        self, turns: list[tuple[str, str]], image_turn: int | None, video_turn: int | None = None
+    ) -> str:
         """A whole conversation ((role, text) pairs, ending with a user turn) as prompt text.
 
-        ``image_turn`` is the index of the user turn the image belongs to (None: no image).
+        ``image_turn`` / ``video_turn`` is the index of the user turn the image / video belongs to (None: none).
         """
+        if video_turn is not None and not self.chat_template:
+            raise EdgecmError("a video prompt needs the checkpoint's chat template; copy chat_template.json beside it")
         if self.chat_template:
             if self.processor is not None:
                 messages = []
                 for i, (role, text) in enumerate(turns):
-                    content = ([{"type": "image"}] if i == image_turn else []) + [{"type": "text", "text": text}]
+                    content = ([{"type": "image"}] if i == image_turn else []) + (
+                        [{"type": "video"}] if i == video_turn else []
+                    ) + [{"type": "text", "text": text}]
                     messages.append({"role": role, "content": content})
                 return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             messages = [{"role": role, "content": text} for role, text in turns]
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.family.fallback_prompt(turns, image_turn, self.tokenizer.eos_token or "")
 
-    def build(self, question: str, image=None) -> Prompt:
-        """Tokenise one turn; ``image`` is a PIL image or None."""
-        return self.build_conversation([("user", question)], image, 0)
+    def build(self, question: str, image=None, video=None) -> Prompt:
+        """Tokenise one turn; ``image`` is a PIL image or None, ``video`` an ``edgecm.video.Video`` or None."""
+        return self.build_conversation([("user", question)], image, 0, video)
 
     def check_text(self, text: str) -> None:
         """Refuse text that holds one of the tokenizer's control strings, such as ``<image>``."""
@@ -120,20 +155,41 @@ class PromptBuilder:
                 f"rephrase without it (images are attached with --image, never written into the text)"
             )
 
-    def build_conversation(self, turns: list[tuple[str, str]], image=None, image_turn: int | None = 0) -> Prompt:
-        """Tokenise a conversation; ``image`` (PIL or None) belongs to user turn ``image_turn``."""
+    def build_conversation(
+        self, turns: list[tuple[str, str]], image=None, image_turn: int | None = 0, video=None,
+        video_turn: int | None = None,
+    ) -> Prompt:
+        """Tokenise a conversation; ``image`` (PIL or None) belongs to user turn ``image_turn``, ``video``
+        (an ``edgecm.video.Video`` or None) to ``video_turn`` (default: the image's turn)."""
         for role, text in turns:
             if role == "user":
                 self.check_text(text)
-        if image is not None and not self.config.is_multimodal:
-            raise EdgecmError("this is a text-only model; drop --image or pass --model a LLaVA checkpoint")
-        text = self.render_conversation(turns, image_turn if image is not None else None)
+        if (image is not None or video is not None) and not self.config.is_multimodal:
+            raise EdgecmError("this is a text-only model; drop --image or pass --model a vision-language checkpoint")
+        if video_turn is None:
+            video_turn = image_turn
+        text = self.render_conversation(
+            turns, image_turn if image is not None else None, video_turn if video is not None else None
+        )
         bos = self.tokenizer.bos_token
         # A template that already writes BOS must not get a second one from the tokenizer.
         add_special = not (bos and text.startswith(bos))
+        if video is not None:
+            if not getattr(self.processor, "takes_video", False):
+                raise EdgecmError("this model takes no video; drop the video or pass a Qwen2.5-VL checkpoint")
+            enc = self.processor(images=image, text=text, videos=video, add_special_tokens=add_special)
+            prompt = Prompt(
+                enc["input_ids"], enc.get("pixel_values"), text, self.config.image_token_id, enc.get("image_grid_thw"),
+                video_pixel_values=enc["pixel_values_videos"], video_grid_thw=enc["video_grid_thw"],
+                second_per_grid_ts=tuple(enc["second_per_grid_ts"]), video_token_id=enc["video_token_id"],
+            )
+            self.family.check_prompt(self.config, prompt)
+            return prompt
         if image is not None:
             enc = self.processor(images=image, text=text, return_tensors="pt", add_special_tokens=add_special)
-            prompt = Prompt(enc["input_ids"], enc["pixel_values"], text, self.config.image_token_id)
+            prompt = Prompt(
+                enc["input_ids"], enc["pixel_values"], text, self.config.image_token_id, enc.get("image_grid_thw")
+            )
             self.family.check_prompt(self.config, prompt)
             return prompt
         enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=add_special)

@@ -6,6 +6,12 @@ position ids, so a token keeps its original position however the cache is
 compacted later. ``dynamic`` and ``longrope`` depend on the longest position
 seen in the call (as in transformers, where the frequency update happens at
 every forward).
+
+Multimodal RoPE (Qwen2.5-VL) gives each token three position ids (temporal,
+height, width); ``mrope_section`` splits the head_dim/2 frequencies into three
+runs and each run rotates by its own id, as transformers'
+``Qwen2_5_VLRotaryEmbedding`` does. Text tokens carry three equal ids, so for
+them it is plain 1-D RoPE.
 """
 
 from __future__ import annotations
@@ -114,14 +120,32 @@ class Rotary:
         self.device = device
         self._static = text.rope.rope_type not in ("dynamic", "longrope")
         self._cached = inverse_frequencies(text, 0) if self._static else None
+        section = text.rope.mrope_section
+        if section is not None and sum(section) != text.head_dim // 2:
+            raise EdgecmError(
+                f"config.json: mrope_section {list(section)} sums to {sum(section)}, not head_dim/2 = "
+                f"{text.head_dim // 2}; fix rope_scaling.mrope_section"
+            )
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: (T,) absolute ids -> cos, sin of shape (T, head_dim) in ``dtype``."""
+        """positions: (T,) absolute ids, or (3, T) for multimodal RoPE -> cos, sin of shape (T, head_dim)."""
         if self._static:
             inv, scale = self._cached
         else:
             inv, scale = inverse_frequencies(self.text, int(positions.max()) + 1)
-        freqs = positions.to(self.device, torch.float32)[:, None] * inv.to(self.device)[None, :]  # (T, D/2)
+        section = self.text.rope.mrope_section
+        if section is None and positions.dim() != 1:
+            raise EdgecmError(f"position ids of shape {tuple(positions.shape)} need a multimodal RoPE config")
+        if section is None:
+            freqs = positions.to(self.device, torch.float32)[:, None] * inv.to(self.device)[None, :]  # (T, D/2)
+        else:
+            ids = positions.to(self.device, torch.float32)
+            if ids.dim() == 1:  # a text-only stretch: the same id on all three axes
+                ids = ids.expand(3, -1)
+            per_axis = ids[:, :, None] * inv.to(self.device)  # (3, T, D/2)
+            # Run i of the frequencies takes the ids of axis i % 3 (temporal, height, width).
+            runs = per_axis.split(list(section), dim=-1)
+            freqs = torch.cat([run[i % 3] for i, run in enumerate(runs)], dim=-1)  # (T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
         return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 

@@ -35,17 +35,59 @@ def _defaults():
 def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
     from edgecm.quant import QUANT_KINDS
 
+    from edgecm.video import VideoOptions
+
     gen, sampling, sparse = _defaults()
+    video = VideoOptions()
     return {
         "model": (
             ("--model",),
             dict(
                 metavar="PATH",
-                help="checkpoint directory (llava-hf or Llama, safetensors) or a LLaMA .gguf file; "
+                help="checkpoint directory (llava-hf, Qwen2.5-VL or Llama, safetensors) or a LLaMA .gguf file; "
                 "default: the embedded demo model, built on first use",
             ),
         ),
         "image": (("--image",), dict(metavar="PATH", help="image file (PNG, JPEG, WebP, ...); omit for a text-only prompt")),
+        "video": (
+            ("--video",),
+            dict(
+                metavar="DIR",
+                help="a folder of video frames, read in name order (Qwen2.5-VL); extract them from a file first, "
+                "e.g. ffmpeg -i clip.mp4 -vf fps=2 DIR/%%05d.png",
+            ),
+        ),
+        "videos": (
+            ("--videos",),
+            dict(action="store_true", help="each input folder is one video, a folder of frames (Qwen2.5-VL)"),
+        ),
+        "fps": (
+            ("--fps",),
+            dict(type=float, default=video.fps, metavar="F", help="frames per second of the --video folder (default: %(default)s)"),
+        ),
+        "max_frames": (
+            ("--max-frames",),
+            dict(
+                type=int, default=video.max_frames, metavar="N",
+                help="most frames read from --video, evenly spaced (default: %(default)s)",
+            ),
+        ),
+        "min_pixels": (
+            ("--min-pixels",),
+            dict(
+                type=int, metavar="N",
+                help="dynamic-resolution models (Qwen2.5-VL): smallest image area in pixels after resizing "
+                "(default: the checkpoint's processor)",
+            ),
+        ),
+        "max_pixels": (
+            ("--max-pixels",),
+            dict(
+                type=int, metavar="N",
+                help="dynamic-resolution models (Qwen2.5-VL): largest image area in pixels after resizing; one image "
+                "token per 28x28 pixels, so this caps what an image costs (default: the checkpoint's processor)",
+            ),
+        ),
         "question": (("--question", "-q"), dict(metavar="TEXT", required=True, help="the question or instruction")),
         "device": (("--device",), dict(default="cpu", metavar="cpu|cuda", help="compute device (default: %(default)s)")),
         "dtype": (
@@ -165,14 +207,14 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
             ("--shard",),
             dict(metavar="I/N", help="caption only shard I of N (0 <= I < N), chosen by a hash of each path"),
         ),
-        "image_required": (("--image",), dict(required=True, metavar="PATH", help="image file")),
         "png_out": (("--out",), dict(required=True, metavar="FILE.png", help="where to write the picture")),
         "budget": (("--budget",), dict(required=True, metavar="SIZE", help="device memory budget, e.g. 12GiB")),
         "profile": (
             ("--profile",),
             dict(default="titan-xp", metavar="NAME", help="device profile: a name in profiles/ or a JSON file (default: %(default)s)"),
         ),
-        "shape": (("--shape",), dict(metavar="NAME", help="plan a published shape without weights: llava-1.5-7b, llava-1.5-13b")),
+        "shape": (("--shape",), dict(metavar="NAME", help="plan a published shape without weights: llava-1.5-7b, llava-1.5-13b, "
+                                                            "qwen2.5-vl-3b, qwen2.5-vl-7b")),
         "weights": (
             ("--weights",),
             dict(
@@ -181,7 +223,14 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
                 "streamed layers stay float16, as --quant does",
             ),
         ),
-        "prompt_tokens": (("--prompt-tokens",), dict(type=int, default=620, metavar="N", help="prompt length incl. image tokens (default: %(default)s)")),
+        "prompt_tokens": (
+            ("--prompt-tokens",),
+            dict(
+                type=int, metavar="N",
+                help="prompt length incl. image tokens (default: one image at the model's planned size + a "
+                "44-token question, 620 for LLaVA-1.5; 620 for a text-only model)",
+            ),
+        ),
         "new_tokens": (("--new-tokens",), dict(type=int, default=128, metavar="N", help="tokens to generate (default: %(default)s)")),
         "kept_tokens": (("--kept-tokens",), dict(type=int, default=64, metavar="N", help="image tokens kept after layer K (default: %(default)s)")),
         "neuron_fraction": (
@@ -247,22 +296,22 @@ def _commands():
     from edgecm_cli.chat import cmd_chat
     from edgecm_cli.show import cmd_show
 
-    model = ("model", "device", "dtype", "resident", "run_budget", "quant")
+    model = ("model", "device", "dtype", "resident", "run_budget", "quant", "min_pixels", "max_pixels")
     sampling = ("max_new_tokens", "temperature", "top_p", "seed")
     return {
         "run": (
             "answer one question about an image (or a text-only prompt)",
             "Answer one question. Text streams to stdout; a stats line goes to stderr.",
-            ("image", "question", *model, *sampling, "json", *SPARSITY_FLAGS),
+            ("image", "video", "fps", "max_frames", "question", *model, *sampling, "json", *SPARSITY_FLAGS),
             cmd_run,
             {},
         ),
         "chat": (
             "multi-turn terminal chat with a live memory and speed panel",
             "Chat in the terminal. Answers stream with a live panel (memory, KV cache, kept image tokens, "
-            "FFN neurons, prefill time, tok/s). Commands: /image PATH, /stats, /reset, /help, /quit. "
+            "FFN neurons, prefill time, tok/s). Commands: /image PATH, /video DIR, /stats, /reset, /help, /quit. "
             "Ctrl-C stops an answer, Ctrl-D leaves.",
-            ("image", *model, *sampling, *SPARSITY_FLAGS),
+            ("image", "video", "fps", "max_frames", *model, *sampling, *SPARSITY_FLAGS),
             cmd_chat,
             {},
         ),
@@ -270,15 +319,16 @@ def _commands():
             "caption many images into a JSONL file, resumable",
             "Caption image files, folders (recursively) and text files listing paths. One JSON line per image, "
             "flushed and fsynced as written; run again with the same --out to resume.",
-            ("inputs", "out", "prompt", "shard", *model, *sampling, *SPARSITY_FLAGS),
+            ("inputs", "out", "prompt", "shard", "videos", "fps", "max_frames", *model, *sampling, *SPARSITY_FLAGS),
             cmd_caption,
             {"max_new_tokens": CAPTION_NEW_TOKENS},
         ),
         "show": (
             "draw the kept core tokens, the knee curve and the core-neuron counts",
-            "Run one question and draw a PNG: the image with the kept core tokens highlighted on the patch "
-            "grid, the sorted match-score curve with the knee marked, and the core neurons per layer.",
-            ("image_required", "question", "png_out", *model, *sampling, *SPARSITY_FLAGS),
+            "Run one question and draw a PNG: the image (or, for --video, the first frame of each temporal patch, "
+            "top to bottom) with the kept core tokens highlighted on the patch grid, the sorted match-score curve "
+            "with the knee marked, and the core neurons per layer.",
+            ("image", "video", "fps", "max_frames", "question", "png_out", *model, *sampling, *SPARSITY_FLAGS),
             cmd_show,
             {"max_new_tokens": SHOW_NEW_TOKENS},
         ),
@@ -375,7 +425,7 @@ def load_model(args: argparse.Namespace) -> Loaded:
     return Loaded(
         checkpoint=checkpoint,
         model_name=model_name,
-        builder=PromptBuilder(checkpoint),
+        builder=PromptBuilder(checkpoint, args.min_pixels, args.max_pixels),
         engine=engine,
         sparsity=sparsity,
         calibration=calibration,
@@ -424,14 +474,16 @@ def format_bytes(n: int | None) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from edgecm.prompt import TextStream
+    from edgecm.video import VideoOptions, read_video
     from edgecm.vision import load_image
 
     check_generation_flags(args)
     sparsity_from_flags(args)  # bad flags and bad input fail before the model loads
     image = load_image(args.image) if args.image else None
+    video = read_video(args.video, VideoOptions(args.fps, args.max_frames)) if args.video else None
     loaded = load_model(args)
     builder = loaded.builder
-    prompt = builder.build(args.question, image)
+    prompt = builder.build(args.question, image, video)
     stream = TextStream(builder)
     pipe = {"closed": False}
 

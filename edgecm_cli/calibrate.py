@@ -26,7 +26,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     image = load_image(args.image) if args.image else None
     base = SparsitySettings() if args.dense_above is None else SparsitySettings(dense_above=args.dense_above)
     checkpoint, model_name = open_model(args.model)
-    builder = PromptBuilder(checkpoint)
+    builder = PromptBuilder(checkpoint, args.min_pixels, args.max_pixels)
     prompts = [builder.build(text, image) for text in texts]
     engine = Engine(
         checkpoint, device=args.device, dtype=args.dtype, resident=args.resident, budget=args.budget, quant=args.quant

@@ -12,6 +12,9 @@ Safety of the output file:
   always parses and no image is written twice;
 - images are identified by their resolved absolute path.
 
+With ``--videos`` every folder among the inputs is one video (its frames in
+name order, as ``run --video`` reads them) instead of a folder of images.
+
 ``--shard I/N`` keeps the images whose path hash modulo N is I: independent of
 listing order and of which other files exist, so N launchers need no coordination.
 """
@@ -34,12 +37,15 @@ LIST_SUFFIXES = {".txt", ".lst"}
 RECORD_START = b'{"path": '
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files as given, folders searched recursively for images, list files read line by line; deduplicated."""
+def expand_inputs(inputs: list[str], videos: bool = False) -> list[Path]:
+    """Files as given, folders searched recursively for images (or, with ``videos``, taken whole as videos),
+    list files read line by line; deduplicated."""
     found: list[Path] = []
     for item in inputs:
         path = Path(item).expanduser()
-        if path.is_dir():
+        if path.is_dir() and videos:
+            found.append(path)
+        elif path.is_dir():
             found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
             for line in path.read_text().splitlines():
@@ -176,17 +182,21 @@ class JsonlWriter:
         self.handle.close()
 
 
-def caption_one(loaded, path: Path, prompt_text: str) -> dict:
-    """The JSON line for one image: a caption, or an ``error`` for an image that cannot be read."""
+def caption_one(loaded, path: Path, prompt_text: str, video_options=None) -> dict:
+    """The JSON line for one image (or, with ``video_options``, one video folder): a caption, or an
+    ``error`` for an input that cannot be read."""
+    from edgecm.video import read_video
     from edgecm.vision import load_image
 
     base = {"path": str(path), "prompt": prompt_text, "model": loaded.model_name}
     settings = {"sparsity": loaded.sparsity.to_json(), "max_new_tokens": loaded.generation.max_new_tokens}
+    is_video = video_options is not None and path.is_dir()
     try:
-        image = load_image(path)
+        image = None if is_video else load_image(path)
+        video = read_video(path, video_options) if is_video else None
     except EdgecmError as exc:
         return {**base, "error": str(exc), "settings": settings}
-    prompt = loaded.builder.build(prompt_text, image)
+    prompt = loaded.builder.build(prompt_text, image, video)
     result = loaded.engine.generate(prompt, loaded.generation, loaded.builder.stop_token_ids, sparsity=loaded.sparsity)
     return {
         **base,
@@ -208,7 +218,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_file():
         raise EdgecmError(f"--out {out}: not a regular file; pass a path for the captions file (.jsonl)")
-    paths = [p for p in expand_inputs(args.inputs) if in_shard(p, shard)]
+    paths = [p for p in expand_inputs(args.inputs, args.videos) if in_shard(p, shard)]
     lock = OutputLock(out)
     try:
         return _caption(args, out, paths)
@@ -221,8 +231,10 @@ def _caption(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from edgecm.video import VideoOptions
     from edgecm_cli import load_model
 
+    video_options = VideoOptions(args.fps, args.max_frames) if args.videos else None
     done = recover(out)
     todo = [p for p in paths if str(p) not in done]
     print(f"edgecm: {len(paths)} images, {len(paths) - len(todo)} already in {out}, {len(todo)} to caption", file=sys.stderr)
@@ -247,7 +259,7 @@ def _caption(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
         with Progress(*columns, console=Console(stderr=True)) as progress:
             task = progress.add_task("caption", total=len(todo), rate=0.0)
             for path in todo:
-                record = caption_one(loaded, path, args.prompt)
+                record = caption_one(loaded, path, args.prompt, video_options)
                 errors += "error" in record
                 writer.write(record)
                 written += 1

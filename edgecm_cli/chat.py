@@ -18,6 +18,7 @@ from edgecm.errors import EdgecmError
 
 HELP = """commands:
   /image PATH   attach or replace the image (it goes with your next message)
+  /video DIR    attach or replace a video, a folder of frames (Qwen2.5-VL; with your next message)
   /stats        the full breakdown of the last answer
   /reset        forget the conversation (the image stays attached)
   /help         this list
@@ -25,13 +26,17 @@ HELP = """commands:
 
 
 class Chat:
-    def __init__(self, loaded, console, image=None, image_path: str | None = None):
+    def __init__(self, loaded, console, image=None, image_path: str | None = None, video_options=None):
         self.loaded = loaded
         self.console = console
         self.turns: list[tuple[str, str]] = []
         self.image = image
         self.image_path = image_path
         self.image_turn: int | None = None  # the user turn the image belongs to
+        self.video = None  # an edgecm.video.Video
+        self.video_path: str | None = None
+        self.video_turn: int | None = None
+        self.video_options = video_options  # fps and max frames of /video folders
         self.last = None  # GenerationResult of the last answer
         self._stop = False
 
@@ -61,8 +66,10 @@ class Chat:
             m = last.memory
             grid.add_row("plan", f"{m.plan} under {format_bytes(m.budget_bytes)}, "
                          f"decode set {format_bytes(m.decode_set_bytes + m.kept_layer_bytes)} on the device")
-        image = self.image_path or "none"
-        return Panel(grid, title=f"edgecm · {self.loaded.model_name} · image: {image}", border_style="blue", expand=False)
+        title = f"edgecm · {self.loaded.model_name} · image: {self.image_path or 'none'}"
+        if self.video_path:
+            title += f" · video: {self.video_path}"
+        return Panel(grid, title=title, border_style="blue", expand=False)
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -74,12 +81,14 @@ class Chat:
         if name == "/help":
             self.console.print(HELP)
         elif name == "/reset":
-            self.turns, self.image_turn, self.last = [], None, None
+            self.turns, self.image_turn, self.video_turn, self.last = [], None, None, None
             self.console.print("[dim]conversation cleared[/]")
         elif name == "/stats":
             self.print_stats()
         elif name == "/image":
             self.attach(arg.strip())
+        elif name == "/video":
+            self.attach_video(arg.strip())
         else:
             self.console.print(f"[red]unknown command {name}[/]; /help lists them")
         return True
@@ -100,6 +109,24 @@ class Chat:
             return
         self.image_path, self.image_turn = path, None  # goes with the next message
         self.console.print(f"[dim]image attached: {path}; your next message re-runs prefill with it[/]")
+
+    def attach_video(self, path: str) -> None:
+        from edgecm.video import VideoOptions, read_video
+
+        if not path:
+            self.console.print("[red]/video needs a folder of frames[/], e.g. /video frames/")
+            return
+        if not self.loaded.checkpoint.config.is_multimodal:
+            self.console.print("[red]this is a text-only model; it cannot take a video[/]")
+            return
+        try:
+            self.video = read_video(path, self.video_options or VideoOptions())
+        except EdgecmError as exc:
+            self.console.print(f"[red]{exc}[/]")
+            return
+        self.video_path, self.video_turn = path, None  # goes with the next message
+        self.console.print(f"[dim]video attached: {path} ({len(self.video.frames)} frames); "
+                           f"your next message re-runs prefill with it[/]")
 
     def print_stats(self) -> None:
         from rich.table import Table
@@ -147,10 +174,12 @@ class Chat:
 
         loaded = self.loaded
         turns = self.turns + [("user", text)]
-        image_turn = self.image_turn
+        image_turn, video_turn = self.image_turn, self.video_turn
         if self.image is not None and image_turn is None:
             image_turn = len(turns) - 1
-        prompt = loaded.builder.build_conversation(turns, self.image, image_turn)
+        if self.video is not None and video_turn is None:
+            video_turn = len(turns) - 1
+        prompt = loaded.builder.build_conversation(turns, self.image, image_turn, self.video, video_turn)
         stream = TextStream(loaded.builder)
         shown = Text()
         counter = {"tokens": 0, "first": None}
@@ -187,7 +216,7 @@ class Chat:
         if result.stop_reason == "interrupted":
             self.console.print("[yellow](answer stopped)[/]")
         self.turns = turns + [("assistant", loaded.builder.decode(result.token_ids))]
-        self.image_turn = image_turn
+        self.image_turn, self.video_turn = image_turn, video_turn
 
     def loop(self) -> int:
         self.console.print(f"edgecm chat · {self.loaded.model_name} · /help for commands, Ctrl-D to leave")
@@ -215,13 +244,18 @@ class Chat:
 def cmd_chat(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from edgecm.video import VideoOptions, read_video
     from edgecm.vision import load_image
     from edgecm_cli import check_generation_flags, load_model, sparsity_from_flags
 
     check_generation_flags(args)
     sparsity_from_flags(args)  # bad flags fail before the model loads
     image = load_image(args.image) if args.image else None
+    options = VideoOptions(args.fps, args.max_frames)
+    video = read_video(args.video, options) if args.video else None  # a bad folder fails before the model loads
     loaded = load_model(args)
     if image is not None and not loaded.checkpoint.config.is_multimodal:
         raise EdgecmError("this is a text-only model; drop --image or pass --model a LLaVA checkpoint")
-    return Chat(loaded, Console(highlight=False), image, args.image).loop()
+    chat = Chat(loaded, Console(highlight=False), image, args.image, options)
+    chat.video, chat.video_path = video, args.video
+    return chat.loop()

@@ -9,6 +9,7 @@ from pathlib import Path
 from edgecm.errors import EdgecmError
 
 SHAPES_DIR = Path(__file__).resolve().parent.parent / "edgecm" / "data" / "shapes"
+QUESTION_TOKENS = 44  # LLaVA-1.5's 620-token planning prompt less its 576 image tokens
 
 
 def shapes() -> list[str]:
@@ -45,7 +46,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise EdgecmError(f"--neuron-fraction {args.neuron_fraction}: must be in (0, 1]")
     for flag, value, least in (("--prompt-tokens", args.prompt_tokens, 1), ("--new-tokens", args.new_tokens, 1),
                                ("--kept-tokens", args.kept_tokens, 0)):
-        if value < least:
+        if value is not None and value < least:
             raise EdgecmError(f"{flag} {value}: must be at least {least}")
     config, name = _config(args)
     weight_dtype = args.weights or profile.default_dtype
@@ -53,14 +54,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise EdgecmError(f"--weights bfloat16: {profile.name} has no bfloat16; use float16 or nf4")
     quantised = weight_dtype in ("nf4", "int8")  # as --quant: resident weights quantised, streamed ones float16
     compute = "float32" if weight_dtype == "float32" else ("float16" if quantised else weight_dtype)
+    sizes = model_sizes(config, compute, compute)
+    prompt_tokens = args.prompt_tokens
+    if prompt_tokens is None:  # one image at the size the family plans for, plus a question
+        prompt_tokens = sizes.image_tokens + QUESTION_TOKENS if sizes.image_tokens else Workload.prompt_tokens
+    if prompt_tokens < sizes.image_tokens:
+        raise EdgecmError(
+            f"--prompt-tokens {prompt_tokens}: below the {sizes.image_tokens} tokens of the image the plan assumes; "
+            f"raise it or leave it out"
+        )
     workload = Workload(
-        prompt_tokens=args.prompt_tokens,
+        prompt_tokens=prompt_tokens,
         new_tokens=args.new_tokens,
         kept_image_tokens=args.kept_tokens,
         neuron_fraction=args.neuron_fraction,
         compute_bytes=4 if compute == "float32" else 2,
     )
-    sizes = model_sizes(config, compute, compute)
     plan = make_plan(sizes, profile, budget, workload, resident=model_sizes(config, weight_dtype, compute))
     if args.json:
         print(json.dumps({"model": name, "profile": profile.name, "weights": weight_dtype, "budget": budget,

@@ -1,7 +1,8 @@
 """``edgecm show``: one picture of what CoreMatching chose for an image and a question.
 
 Left: the image as the model sees it (the processor's crop), every patch
-dimmed except the kept core tokens, which stay bright inside a magenta frame.
+dimmed except the kept core tokens, which stay bright inside a magenta frame;
+for a video, the first frame of each temporal patch, one panel under another.
 Right: the image tokens' match scores |G(i) & Core(K)| sorted in descending
 order with the knee marked (the paper's Figure 3), and the FFN neurons each
 layer decodes with. The patch panel is drawn with PIL so its pixels are
@@ -29,13 +30,10 @@ DIM = 0.25  # brightness of dropped patches
 MIN_CHART_HEIGHT = 560
 
 
-def model_view(pixel_values: torch.Tensor, processor) -> "Image.Image":
-    """Undo the processor's normalisation: (1, 3, H, W) -> the RGB picture the vision tower saw."""
+def model_view(pixels: torch.Tensor) -> "Image.Image":
+    """(3, H, W) in [0, 1], as the family rebuilds the picture the vision tower saw -> an RGB image."""
     from PIL import Image
 
-    mean = torch.tensor(processor.image_processor.image_mean).view(3, 1, 1)
-    std = torch.tensor(processor.image_processor.image_std).view(3, 1, 1)
-    pixels = (pixel_values[0].float() * std + mean).clamp(0, 1)
     return Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
 
 
@@ -109,12 +107,25 @@ def charts(scores: torch.Tensor, kept: int, core_neurons: list[int], width: int,
     return Image.open(buffer).convert("RGB")
 
 
-def render(path: Path, view, grid: tuple[int, int], result, settings, question: str, answer: str, width: int) -> int:
-    """Write the picture; returns how many patches were drawn as kept."""
+def render(path: Path, views: list, grid: tuple[int, int], result, settings, question: str, answer: str, width: int) -> int:
+    """Write the picture; returns how many patches were drawn as kept.
+
+    ``views`` holds the image, or one frame per temporal patch of a video, whose tokens come grid after
+    grid in the prompt; their panels are stacked top to bottom.
+    """
     from PIL import Image, ImageDraw
 
     kept = set(result.selection.keep.tolist())
-    patches, frames = draw_patches(view, grid, kept)
+    per_view = grid[0] * grid[1]
+    panels, frames = [], 0
+    for v, view in enumerate(views):
+        own = {i - v * per_view for i in kept if v * per_view <= i < (v + 1) * per_view}
+        panel, drawn = draw_patches(view, grid, own)
+        panels.append(panel)
+        frames += drawn
+    patches = Image.new("RGB", (panels[0].width, sum(p.height for p in panels)), "white")
+    for v, panel in enumerate(panels):
+        patches.paste(panel, (0, v * panels[0].height))
     chart = charts(result.selection.core_scores, len(kept), result.core_neurons, width, patches.height, settings)
     header = 58
     canvas = Image.new("RGB", (patches.width + chart.width, max(patches.height, chart.height) + header), "white")
@@ -139,6 +150,7 @@ def render(path: Path, view, grid: tuple[int, int], result, settings, question: 
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from edgecm.video import VideoOptions, read_video
     from edgecm.vision import load_image
     from edgecm_cli import check_generation_flags, load_model, sparsity_from_flags
 
@@ -148,17 +160,22 @@ def cmd_show(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise EdgecmError(f"--out {out}: the picture is a PNG; give a path ending in .png")
-    image = load_image(args.image)
+    if (args.image is None) == (args.video is None):
+        raise EdgecmError("show draws one image or one video; pass --image PATH or --video DIR")
+    image = load_image(args.image) if args.image else None
+    video = read_video(args.video, VideoOptions(args.fps, args.max_frames)) if args.video else None
     loaded = load_model(args)
     if not loaded.checkpoint.config.is_multimodal:
         raise EdgecmError("show needs a vision-language checkpoint: a text-only model has no image tokens")
-    prompt = loaded.builder.build(args.question, image)
+    prompt = loaded.builder.build(args.question, image, video)
     result = loaded.engine.generate(prompt, loaded.generation, loaded.builder.stop_token_ids, sparsity=loaded.sparsity)
     rows, cols = grid = loaded.checkpoint.family.patch_grid(loaded.checkpoint.config, prompt)
-    if result.image_tokens != rows * cols:
-        raise EdgecmError(f"the image has {result.image_tokens} tokens, not a {rows}x{cols} patch grid; show needs one token per patch")
+    family, config, processor = loaded.checkpoint.family, loaded.checkpoint.config, loaded.builder.processor
+    views = [family.model_view(config, prompt, processor)] if image is not None else list(family.video_view(config, prompt, processor))
+    if result.image_tokens != len(views) * rows * cols:
+        raise EdgecmError(f"the input has {result.image_tokens} tokens, not {len(views)} {rows}x{cols} patch grids; show needs one token per patch")
     answer = loaded.builder.decode(result.token_ids).strip()
     width = loaded.checkpoint.config.text.intermediate_size
-    frames = render(out, model_view(prompt.pixel_values, loaded.builder.processor), grid, result, loaded.sparsity, args.question, answer, width)
+    frames = render(out, [model_view(v) for v in views], grid, result, loaded.sparsity, args.question, answer, width)
     print(f"wrote {out}: kept {frames} of {result.image_tokens} image tokens; answer: {answer}")
     return 0

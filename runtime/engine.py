@@ -75,7 +75,8 @@ class PrefillOutcome:
 
     logits: torch.Tensor  # (V,) float32, for the token after the prompt
     placement: DecodePlacement  # where each layer's decode weights live
-    kept_positions: torch.Tensor  # positions present after layer K (text + kept image tokens)
+    kept_positions: torch.Tensor  # rotary ids present after layer K (text + kept image tokens): (T',) or (3, T')
+    kept_order: torch.Tensor  # their sequence indices (T',)
     image_tokens: int
     kept_image_tokens: int
     core_neurons: list[int]  # per layer: neurons decode uses (the full width for a dense layer)
@@ -162,34 +163,40 @@ class Engine:
     # -- building blocks -------------------------------------------------------------------------
 
     def embed(self, prompt: Prompt, spans: Spans | None = None) -> torch.Tensor:
-        """Token embeddings with the family's vision features placed at the image placeholders. -> (1, T, d)"""
+        """Token embeddings with the family's vision features placed at the image (and video) placeholders.
+        -> (1, T, d)"""
         ids = prompt.input_ids.to(self.device)
         hidden = F.embedding(ids, self.embed_tokens)
-        if prompt.pixel_values is None:
+        vision = prompt.vision_inputs()
+        if not vision:
             return hidden
         if spans is None:
             spans = Spans(self.device)
         with spans.span("vision"):
             encoder = self.family.vision_encoder(self.checkpoint, self.device, self.dtype)
-            features = encoder.encode(prompt.pixel_values)  # (N, d), in prompt order
+            # (placeholder mask, features (N, d) in prompt order) per input: images, then a video
+            placed = [(ids == token, encoder.encode(pixels, grids)) for token, pixels, grids in vision]
             del encoder  # the encoder is used once per request; its memory goes back now
-        mask = ids == self.config.image_token_id
-        if int(mask.sum()) != features.shape[0]:
-            raise EdgecmError(
-                f"the prompt holds {int(mask.sum())} image tokens but the image gives {features.shape[0]} features; "
-                f"the processor and config.json disagree"
-            )
-        return hidden.masked_scatter(mask[..., None], features.to(hidden.dtype))
+        for mask, features in placed:
+            if int(mask.sum()) != features.shape[0]:
+                raise EdgecmError(
+                    f"the prompt holds {int(mask.sum())} vision tokens but the vision tower gives {features.shape[0]} "
+                    f"features; the processor and config.json disagree"
+                )
+            hidden = hidden.masked_scatter(mask[..., None], features.to(hidden.dtype))
+        return hidden
 
     def run_layers(
         self,
         hidden: torch.Tensor,
         positions: torch.Tensor,
+        order: torch.Tensor,
         cache: KVCache,
         placement: DecodePlacement | None = None,
         phase: str = "decode",
     ) -> torch.Tensor:
-        """All decoder layers over ``hidden`` (1, T, d) at absolute ``positions`` (T,).
+        """All decoder layers over ``hidden`` (1, T, d) at rotary ``positions`` ((T,) or (3, T)) and
+        sequence indices ``order`` (T,).
 
         With a ``placement``, its decode set on the device is used as is, its
         held slices are copied from host memory, and any other layer streams from disk.
@@ -199,7 +206,7 @@ class Engine:
         on_host = placement.on_host if placement else None
         for index, weights in self.streamer.stream(range(self.text.num_layers), on_device, on_host):
             with self.timer.layer(phase, index):
-                hidden = decoder_layer(hidden, weights, self.text, cos, sin, positions, cache, index)
+                hidden = decoder_layer(hidden, weights, self.text, cos, sin, order, cache, index)
             del weights
         return hidden
 
@@ -213,7 +220,8 @@ class Engine:
         position is text in every supported template and is always kept.
         """
         text = self.text
-        positions = self.family.positions(prompt, self.device)
+        positions = self.family.positions(self.config, prompt, self.device)  # rotary ids, (T,) or (3, T)
+        order = torch.arange(prompt.num_tokens, device=self.device)  # sequence indices: what the mask follows
         image_rows = prompt.image_positions.to(self.device)
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
         prune_at = sparsity.prune_layer if sparsity.prunes_tokens and image_rows.numel() else None
@@ -239,7 +247,7 @@ class Engine:
                 # FastV: attention from the last prompt token, read off this layer's own queries and keys.
                 observe_attention = lambda q, keys: attention_scores.append(fastv_scores(q[0, :, -1], keys[0], groups))
             with self.timer.layer("prefill", index):
-                hidden = decoder_layer(hidden, weights, text, cos, sin, positions, cache, index,
+                hidden = decoder_layer(hidden, weights, text, cos, sin, order, cache, index,
                                        observer=stats, attention_observer=observe_attention)
             neurons = decode_neurons(stats, sparsity, index, text.intermediate_size) if collect else None
             placement.place(index, weights, neurons)
@@ -250,7 +258,8 @@ class Engine:
                 selection = select_image_tokens(sparsity, stats, fastv)
                 keep = self._kept_rows(prompt.num_tokens, image_rows, selection.keep.to(self.device))
                 kept_image = int(selection.keep.numel())
-                hidden, positions = hidden[:, keep], positions[keep]
+                # Survivors keep their rotary ids (every axis) and their sequence indices.
+                hidden, positions, order = hidden[:, keep], positions[..., keep], order[keep]
                 cos, sin = cos[keep], sin[keep]
                 if not sparsity.keep_early_kv:
                     for layer in range(index + 1):
@@ -259,6 +268,7 @@ class Engine:
             logits=self.head(hidden[:, -1])[0],
             placement=placement,
             kept_positions=positions,
+            kept_order=order,
             image_tokens=int(image_rows.numel()),
             kept_image_tokens=kept_image,
             core_neurons=core_counts,
@@ -282,9 +292,10 @@ class Engine:
     def forward(self, prompt: Prompt) -> torch.Tensor:
         """Logits for every prompt position, (1, T, V): the dense reference pass."""
         hidden = self.embed(prompt)
-        positions = self.family.positions(prompt, self.device)
+        positions = self.family.positions(self.config, prompt, self.device)
+        order = torch.arange(prompt.num_tokens, device=self.device)
         cache = KVCache(self.text.num_layers)
-        return self.head(self.run_layers(hidden, positions, cache, phase="prefill"))
+        return self.head(self.run_layers(hidden, positions, order, cache, phase="prefill"))
 
     @torch.inference_mode()
     def generate(
@@ -350,8 +361,10 @@ class Engine:
             if placement.moves_no_weights():
                 self.streamer.release_slots()  # decode moves no weights: the slots' memory goes to the KV cache
             first_token_s = time.perf_counter() - started
-            # The next position follows the unpruned prompt, whatever the cache holds.
-            position = self.family.next_position(prompt)
+            # The next rotary position follows the unpruned prompt (the family says where: for M-RoPE the
+            # largest prompt id + 1), and so does the next sequence index, whatever the cache holds.
+            position = self.family.next_position(self.config, prompt)
+            index = prompt.num_tokens
             with spans.span("decode"):
                 while True:
                     if collect_logits:
@@ -372,9 +385,10 @@ class Engine:
                         stop_reason = "interrupted"
                         break
                     step_started = time.perf_counter()
-                    logits = self.decode_step(token, position, cache, placement)
+                    logits = self.decode_step(token, position, index, cache, placement)
                     token_seconds.append(time.perf_counter() - step_started)
                     position += 1
+                    index += 1
         decode_stream = self.streamer.stats
         decode_steps = max(len(tokens) - 1, 0)  # the first token came from the prefill logits
         return GenerationResult(
@@ -393,11 +407,14 @@ class Engine:
             ffn_width=self.text.intermediate_size,
         )
 
-    def decode_step(self, token: int, position: int, cache: KVCache, placement: DecodePlacement) -> torch.Tensor:
-        """One new token through every layer at ``position`` -> the next token's logits (V,)."""
+    def decode_step(
+        self, token: int, position: int, index: int, cache: KVCache, placement: DecodePlacement
+    ) -> torch.Tensor:
+        """One new token through every layer at rotary ``position`` and sequence ``index`` -> next logits (V,)."""
         ids = torch.tensor([[token]], device=self.device)
-        positions = torch.tensor([position], device=self.device)
-        hidden = self.run_layers(F.embedding(ids, self.embed_tokens), positions, cache, placement)
+        positions = torch.tensor([position], device=self.device)  # one id serves every M-RoPE axis of text
+        order = torch.tensor([index], device=self.device)
+        hidden = self.run_layers(F.embedding(ids, self.embed_tokens), positions, order, cache, placement)
         logits = self.head(hidden[:, -1])[0]
         logits[0].item()  # waits for the device, so the step's time is its real latency
         return logits

@@ -102,6 +102,7 @@ class ModelSizes:
     ffn_width: int
     vocab: int
     image_tokens: int
+    vision_activations: int | None = None  # the family's own estimate for its tower, where it states one
 
     @property
     def layer(self) -> int:
@@ -124,6 +125,7 @@ def model_sizes(config: ModelConfig, weight_dtype: str, compute_dtype: str | Non
     family = family_named(config.family)
     vision = int(family.vision_bytes(config, cb))
     image_tokens = family.image_tokens(config)
+    vision_activations = family.vision_activation_bytes(config, cb)
     return ModelSizes(
         num_layers=t.num_layers,
         attention=int(attention * wb + attention_bias * cb),
@@ -138,6 +140,7 @@ def model_sizes(config: ModelConfig, weight_dtype: str, compute_dtype: str | Non
         ffn_width=t.intermediate_size,
         vocab=t.vocab_size,
         image_tokens=image_tokens,
+        vision_activations=None if vision_activations is None else int(vision_activations),
     )
 
 
@@ -205,8 +208,10 @@ def make_plan(
     always = {"embedding + final norm + LM head": s.resident_always}
     phases = {}
     if s.vision:
-        phases["vision"] = {**always, "vision tower + projector": s.vision,
-                            "vision activations": activation_bytes(s.image_tokens + 1, s, w) // 2}
+        tower_activations = s.vision_activations
+        if tower_activations is None:  # a CLIP-sized tower: about half a decoder layer's per-token activations
+            tower_activations = activation_bytes(s.image_tokens + 1, s, w) // 2
+        phases["vision"] = {**always, "vision tower + projector": s.vision, "vision activations": tower_activations}
     phases["prefill"] = {**always, "2 streamed layer buffers": 2 * s.layer, "KV cache (prompt)": prefill_kv,
                          "activations": activation_bytes(w.prompt_tokens, s, w)}
     streamed_decode = {**always, "2 streamed compact-layer buffers": 2 * compact_layer, "KV cache": decode_kv,

@@ -9,7 +9,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import tiny_llama, tiny_llava, write_test_image  # noqa: E402
+from tiny import (  # noqa: E402
+    tiny_llama, tiny_llava, tiny_qwen2_5_vl, write_test_frames, write_test_image, write_wide_image,
+)
 
 
 def _built_once(tmp_path_factory, builder, name):
@@ -34,6 +36,21 @@ def build_llava(tmp_path_factory):
 @pytest.fixture(scope="session")
 def build_llama(tmp_path_factory):
     return _built_once(tmp_path_factory, tiny_llama, "llama")
+
+
+@pytest.fixture(scope="session")
+def build_qwen2_5_vl(tmp_path_factory):
+    return _built_once(tmp_path_factory, tiny_qwen2_5_vl, "qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def wide_image_path(tmp_path_factory) -> Path:
+    return write_wide_image(tmp_path_factory.mktemp("img") / "wide.png")
+
+
+@pytest.fixture(scope="session")
+def frames_dir(tmp_path_factory) -> Path:
+    return write_test_frames(tmp_path_factory.mktemp("video") / "frames")
 
 
 @pytest.fixture(scope="session")

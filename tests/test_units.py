@@ -28,6 +28,13 @@ from edgecm.sampling import SamplingSettings, next_token
         ("llava", "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
          "vision_tower.encoder.layers.0.mlp.fc1.weight"),
         ("llava", "model.vision_tower.encoder.layers.0.mlp.fc1.weight", "vision_tower.encoder.layers.0.mlp.fc1.weight"),
+        ("qwen2_5_vl", "model.layers.3.self_attn.q_proj.bias", "layers.3.self_attn.q_proj.bias"),
+        ("qwen2_5_vl", "model.language_model.layers.3.self_attn.q_proj.bias", "layers.3.self_attn.q_proj.bias"),
+        ("qwen2_5_vl", "model.embed_tokens.weight", "embed_tokens.weight"),
+        ("qwen2_5_vl", "model.language_model.norm.weight", "norm.weight"),
+        ("qwen2_5_vl", "lm_head.weight", "lm_head.weight"),
+        ("qwen2_5_vl", "visual.blocks.0.attn.qkv.weight", "visual.blocks.0.attn.qkv.weight"),
+        ("qwen2_5_vl", "model.visual.merger.mlp.0.weight", "visual.merger.mlp.0.weight"),
         ("llava", "multi_modal_projector.linear_1.bias", "multi_modal_projector.linear_1.bias"),
         ("llava", "model.multi_modal_projector.linear_1.bias", "multi_modal_projector.linear_1.bias"),
     ],
@@ -46,10 +53,32 @@ def test_kv_cache_appends_grows_and_compacts():
     assert keys.flatten().tolist() == list(range(12)) and cache.length(0) == 12
     cache.prune(0, torch.tensor([0, 3, 11]))
     assert cache.length(0) == 3
-    assert cache.positions(0).tolist() == [0, 3, 11]  # survivors keep their original positions
+    assert cache.order(0).tolist() == [0, 3, 11]  # survivors keep their sequence indices
     assert cache.nbytes() == 2 * 3 * 4
     keys, _, pos = cache.update(0, torch.full((1, 1, 1, 1), 12.0), torch.zeros(1, 1, 1, 1), torch.tensor([12]))
     assert keys.flatten().tolist() == [0, 3, 11, 12] and pos.tolist() == [0, 3, 11, 12]
+
+
+def test_multimodal_rope_matches_transformers():
+    """cos/sin for 3-D position ids equal Qwen2.5-VL's rotary embedding (and 1-D ids act as three equal rows)."""
+    from transformers import Qwen2_5_VLTextConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding
+
+    from edgecm.config import RopeConfig, TextConfig
+    from edgecm.rope import Rotary
+
+    rope = {"rope_type": "mrope", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    hf = Qwen2_5_VLTextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, rope_scaling=dict(rope))
+    text = TextConfig(
+        vocab_size=10, hidden_size=64, intermediate_size=8, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16,
+        rms_norm_eps=1e-6, max_position_embeddings=128, tie_word_embeddings=True, rope=RopeConfig.from_dict(rope),
+    )
+    positions = torch.tensor([[0, 1, 2, 2, 2, 2, 4], [0, 1, 2, 2, 3, 3, 4], [0, 1, 2, 3, 2, 3, 4]])  # (3, T)
+    ref_cos, ref_sin = Qwen2_5_VLRotaryEmbedding(hf)(torch.zeros(1), positions[:, None, :])
+    cos, sin = Rotary(text, torch.device("cpu")).cos_sin(positions, torch.float32)
+    assert torch.equal(cos, ref_cos[0]) and torch.equal(sin, ref_sin[0])
+    text_cos, _ = Rotary(text, torch.device("cpu")).cos_sin(torch.arange(3), torch.float32)
+    assert torch.equal(text_cos, cos[:3])
 
 
 def test_greedy_and_top_p_sampling():

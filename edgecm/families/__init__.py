@@ -13,8 +13,9 @@ from edgecm.errors import EdgecmError
 from edgecm.families.base import Family
 from edgecm.families.llama import LlamaFamily
 from edgecm.families.llava import LlavaFamily
+from edgecm.families.qwen2_5_vl import Qwen2_5_VLFamily
 
-FAMILIES: tuple[Family, ...] = (LlavaFamily(), LlamaFamily())
+FAMILIES: tuple[Family, ...] = (LlavaFamily(), Qwen2_5_VLFamily(), LlamaFamily())
 _BY_NAME = {f.name: f for f in FAMILIES}
 
 

@@ -43,8 +43,9 @@ LAYER_TENSORS = (
 class VisionEncoder(Protocol):
     """Loaded from a checkpoint, run once per request, freed with ``del``."""
 
-    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values as the family's processor gives them -> features (N, d_text), in prompt order."""
+    def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        """pixel_values (and, for dynamic-resolution families, each image's patch grid (N, 3)) as the
+        family's processor gives them -> features (N, d_text), in prompt order."""
 
 
 class Family:
@@ -106,6 +107,10 @@ class Family:
         """Bytes of the vision encoder (as loaded for one request) in the compute dtype."""
         return 0
 
+    def vision_activation_bytes(self, config: "ModelConfig", compute_bytes: int) -> int | None:
+        """Peak activations of the vision encoder on one planned image; None lets the planner estimate them."""
+        return None
+
     def image_tokens(self, config: "ModelConfig") -> int:
         """Image tokens of one image at the processor's default size (what the planner plans for)."""
         return 0
@@ -127,13 +132,38 @@ class Family:
     def check_prompt(self, config: "ModelConfig", prompt: "Prompt") -> None:
         """Raise if the processor's placeholder expansion disagrees with what the encoder will give."""
 
-    def positions(self, prompt: "Prompt", device: torch.device) -> torch.Tensor:
-        """Rotary position ids of the prompt tokens: (T,) for 1-D rope."""
+    def load_processor(self, directory: Path, config: "ModelConfig", min_pixels: int | None, max_pixels: int | None):
+        """The checkpoint's processor (tokenizer + image processor + placeholder expansion)."""
+        if min_pixels is not None or max_pixels is not None:
+            raise EdgecmError(
+                f"{directory}: this model's images have a fixed size; min/max pixels apply to dynamic-resolution "
+                f"models (Qwen2.5-VL) only"
+            )
+        import transformers
+
+        return transformers.AutoProcessor.from_pretrained(str(directory))
+
+    def positions(self, config: "ModelConfig", prompt: "Prompt", device: torch.device) -> torch.Tensor:
+        """Rotary position ids of the prompt tokens: (T,) for 1-D rope, (3, T) for multimodal rope."""
         return torch.arange(prompt.num_tokens, device=device)
 
-    def next_position(self, prompt: "Prompt") -> int:
-        """The position of the first generated token (then +1 per token)."""
+    def next_position(self, config: "ModelConfig", prompt: "Prompt") -> int:
+        """The rotary position of the first generated token (then +1 per token)."""
         return prompt.num_tokens
+
+    def model_view(self, config: "ModelConfig", prompt: "Prompt", processor: Any) -> torch.Tensor:
+        """The first image as the vision tower saw it, normalisation undone: (3, H, W) in [0, 1].
+
+        This base form reads (N, 3, H, W) pixel values (a fixed-size tower such as CLIP).
+        """
+        image = processor.image_processor
+        mean = torch.tensor(image.image_mean).view(3, 1, 1)
+        std = torch.tensor(image.image_std).view(3, 1, 1)
+        return (prompt.pixel_values[0].float() * std + mean).clamp(0, 1)
+
+    def video_view(self, config: "ModelConfig", prompt: "Prompt", processor: Any) -> torch.Tensor:
+        """One frame per token grid of the prompt's video, (t, 3, H, W) in [0, 1]; families with video say how."""
+        raise EdgecmError("this model takes no video")
 
     def patch_grid(self, config: "ModelConfig", prompt: "Prompt") -> tuple[int, int]:
         """(rows, columns) of image tokens over the image as the processor resized it, for ``show``."""

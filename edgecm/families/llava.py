@@ -115,8 +115,8 @@ class ClipEncoder:
         self.device, self.dtype = device, dtype
 
     @torch.inference_mode()
-    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (N, 3, H, W) -> image features (N * tokens_per_image, d_text)."""
+    def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        """pixel_values (N, 3, H, W) -> image features (N * tokens_per_image, d_text); every image has one size."""
         out = self.tower(pixel_values.to(self.device, self.dtype), output_hidden_states=True)
         selected = [out.hidden_states[i] for i in self.indices]
         if self.vision.select_strategy == "default":

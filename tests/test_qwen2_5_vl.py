@@ -1,0 +1,305 @@
+"""Qwen2.5-VL against transformers on tiny random checkpoints: logits, greedy tokens, 3-D positions,
+and CoreMatching against a masked dense reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgecm.checkpoint import open_checkpoint
+from edgecm.config import load_model_config
+from edgecm.model import activation, feed_forward, rms_norm
+from edgecm.prompt import PromptBuilder
+from edgecm.rope import apply_rotary
+from edgecm.sparsity import NeuronBudget, SparsitySettings, TokenRule
+from edgecm.vision import load_image
+from runtime.engine import Engine, GenerationSettings
+from runtime.planner import model_sizes
+
+# Dense float32 on CPU: the same operations as transformers in the same order, except that the
+# attention runs through SDPA with a different mask path; round-off only.
+LOGITS_ATOL = 1e-4
+# Masked full attention and compacted attention sum the same terms in a different order.
+MASKED_REFERENCE_ATOL = 1e-4
+GREEDY_TOKENS = 32
+QUESTION = "Describe the picture in one sentence."
+
+MODELS = {
+    "published-untied": dict(layout="published", tied=False),
+    "published-tied-sharded": dict(layout="published", tied=True, sharded=True),
+    "v5-untied-sharded": dict(layout="v5", tied=False, sharded=True),
+    "v5-tied": dict(layout="v5", tied=True),
+}
+
+
+@pytest.fixture(scope="module")
+def loaded(build_qwen2_5_vl):
+    """name -> (engine, builder, reference model), each built and opened once."""
+    cache = {}
+
+    def load(name: str):
+        if name not in cache:
+            model_dir, reference = build_qwen2_5_vl(**MODELS[name])
+            checkpoint = open_checkpoint(model_dir)
+            cache[name] = Engine(checkpoint, resident=True), PromptBuilder(checkpoint), reference
+        return cache[name]
+
+    return load
+
+
+def make_prompt(builder, kind, image_path, wide_image_path):
+    image = {"text": None, "square": image_path, "wide": wide_image_path}[kind]
+    return builder.build(QUESTION, None if image is None else load_image(image))
+
+
+def reference_inputs(prompt, image_token_id):
+    inputs = {"input_ids": prompt.input_ids, "mm_token_type_ids": (prompt.input_ids == image_token_id).int()}
+    if prompt.pixel_values is not None:
+        inputs.update(pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw)
+    return inputs
+
+
+@pytest.mark.parametrize("kind", ["text", "square", "wide"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_dense_logits_match_transformers(loaded, name, kind, image_path, wide_image_path):
+    engine, builder, reference = loaded(name)
+    prompt = make_prompt(builder, kind, image_path, wide_image_path)
+    if kind != "text":
+        assert prompt.image_positions.numel() > 0
+    with torch.inference_mode():
+        ours = engine.forward(prompt)
+        theirs = reference(**reference_inputs(prompt, engine.config.image_token_id)).logits
+    err = (ours - theirs).abs()
+    print(f"{name} {kind}: max logit error {err.max().item():.3e}")
+    assert err.max().item() <= LOGITS_ATOL, f"max {err.max().item():.3e} mean {err.mean().item():.3e}"
+
+
+@pytest.mark.parametrize("kind", ["text", "wide"])
+@pytest.mark.parametrize("name", ["published-untied", "v5-tied"])
+def test_greedy_tokens_match_transformers_generate(loaded, name, kind, image_path, wide_image_path):
+    engine, builder, reference = loaded(name)
+    prompt = make_prompt(builder, kind, image_path, wide_image_path)
+    ours = engine.generate(prompt, GenerationSettings(max_new_tokens=GREEDY_TOKENS, stop_at_eos=False))
+    config = copy.deepcopy(reference.generation_config)
+    config.eos_token_id = None  # both sides run the full length
+    config.pad_token_id = 0
+    with torch.inference_mode():
+        out = reference.generate(
+            **reference_inputs(prompt, engine.config.image_token_id), generation_config=config,
+            max_new_tokens=GREEDY_TOKENS, do_sample=False,
+        )
+    theirs = out[0, prompt.num_tokens:].tolist()
+    assert len(theirs) == GREEDY_TOKENS
+    assert ours.token_ids == theirs
+
+
+@pytest.mark.parametrize("kind", ["square", "wide"])
+def test_positions_and_rope_delta_match_transformers(loaded, kind, image_path, wide_image_path):
+    engine, builder, reference = loaded("published-untied")
+    prompt = make_prompt(builder, kind, image_path, wide_image_path)
+    inputs = reference_inputs(prompt, engine.config.image_token_id)
+    expected, delta = reference.model.get_rope_index(
+        inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"]
+    )
+    ours = engine.family.positions(engine.config, prompt, torch.device("cpu"))
+    assert torch.equal(ours, expected[:, 0])
+    assert engine.family.next_position(engine.config, prompt) == prompt.num_tokens + int(delta)
+    assert engine.family.next_position(engine.config, prompt) < prompt.num_tokens  # images pack positions
+
+
+def test_patch_grid_of_a_wide_image_and_pixel_limits(loaded, wide_image_path):
+    engine, builder, _ = loaded("published-untied")
+    prompt = make_prompt(builder, "wide", None, wide_image_path)
+    rows, cols = engine.family.patch_grid(engine.config, prompt)
+    assert (rows, cols) == (3, 6)  # 96x48 pixels, 16 pixels per merged token
+    assert rows * cols == prompt.image_positions.numel()
+    small = PromptBuilder(engine.checkpoint, max_pixels=16 * 16 * 8).build(QUESTION, load_image(wide_image_path))
+    assert small.image_positions.numel() < prompt.image_positions.numel()
+    assert small.image_positions.numel() <= 8
+
+
+def test_planner_counts_the_vision_tower(loaded):
+    engine, _, reference = loaded("published-untied")
+    tower = sum(p.numel() for p in reference.model.visual.parameters())
+    sizes = model_sizes(engine.config, "float32", "float32")
+    assert sizes.vision == tower * 4
+
+
+def masked_reference(engine, prompt, generated, dropped, k):
+    """Dense forward over prompt + generated tokens at their 3-D positions, with the dropped image tokens
+    masked out of attention in layers after K and out of the generated tokens' attention in layers
+    0..K (the core-token-only cache). Returns the logits predicting each generated token."""
+    text = engine.text
+    t = prompt.num_tokens
+    hidden = torch.cat([engine.embed(prompt), F.embedding(torch.tensor([generated[:-1]]), engine.embed_tokens)], dim=1)
+    length = hidden.shape[1]
+    start = engine.family.next_position(engine.config, prompt)
+    decode_positions = torch.arange(start, start + length - t).expand(3, -1)
+    positions = torch.cat([engine.family.positions(engine.config, prompt, torch.device("cpu")), decode_positions], 1)
+    cos, sin = engine.rotary.cos_sin(positions, engine.dtype)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()  # sequence order, not rotary ids
+    is_dropped = torch.zeros(length, dtype=torch.bool)
+    is_dropped[dropped] = True
+    h, hkv, d = text.num_heads, text.num_kv_heads, text.head_dim
+    for layer in range(text.num_layers):
+        w = engine.streamer.load(layer)
+        allowed = causal.clone()
+        if layer > k:
+            allowed[:, is_dropped] = False
+        else:
+            allowed[t:, is_dropped] = False
+        allowed |= torch.eye(length, dtype=torch.bool)  # a dropped query still needs one key; its output is unused
+        x = rms_norm(hidden, w.input_norm, text.rms_norm_eps)
+        q = F.linear(x, w.q, w.q_bias).view(1, length, h, d).transpose(1, 2)
+        kk = F.linear(x, w.k, w.k_bias).view(1, length, hkv, d).transpose(1, 2)
+        v = F.linear(x, w.v, w.v_bias).view(1, length, hkv, d).transpose(1, 2)
+        q, kk = apply_rotary(q, cos, sin), apply_rotary(kk, cos, sin)
+        att = F.scaled_dot_product_attention(q, kk, v, attn_mask=allowed, enable_gqa=True)
+        hidden = hidden + F.linear(att.transpose(1, 2).reshape(1, length, h * d), w.o)
+        hidden = hidden + feed_forward(rms_norm(hidden, w.post_norm, text.rms_norm_eps), w, activation(text.hidden_act))
+    return engine.head(hidden)[0, t - 1 :]
+
+
+@pytest.mark.parametrize("tokens", ["count:6", "knee"])
+def test_pruned_engine_equals_masked_dense_forward(loaded, tokens, wide_image_path):
+    engine, builder, _ = loaded("v5-untied-sharded")
+    prompt = make_prompt(builder, "wide", None, wide_image_path)
+    k = 1
+    settings = SparsitySettings(tokens=TokenRule.parse(tokens), prune_layer=k, neurons=NeuronBudget("dense"))
+    result = engine.generate(
+        prompt, GenerationSettings(max_new_tokens=12, stop_at_eos=False), sparsity=settings, collect_logits=True
+    )
+    n_image = prompt.image_positions.numel()
+    assert 0 < result.kept_image_tokens < n_image
+    if tokens == "count:6":
+        assert result.kept_image_tokens == 6
+    dropped_image = torch.ones(n_image, dtype=torch.bool)
+    dropped_image[result.selection.keep] = False
+    with torch.inference_mode():
+        reference = masked_reference(engine, prompt, result.token_ids, prompt.image_positions[dropped_image], k)
+    err = (result.logits - reference).abs()
+    print(f"pruned {tokens}: max logit error {err.max().item():.3e}")
+    assert err.max().item() <= MASKED_REFERENCE_ATOL, f"max {err.max().item():.3e} mean {err.mean().item():.3e}"
+    dense = engine.generate(
+        prompt, GenerationSettings(max_new_tokens=12, stop_at_eos=False), sparsity=SparsitySettings(mode="dense"),
+        collect_logits=True,
+    )
+    assert (dense.logits - reference).abs().max().item() > 100 * MASKED_REFERENCE_ATOL
+    compact = prompt.num_tokens - n_image + result.kept_image_tokens + 12 - 1
+    assert set(result.kv_cache_tokens) == {compact}
+
+
+def test_neuron_sparsity_runs_on_qwen(loaded, image_path):
+    engine, builder, _ = loaded("published-untied")
+    prompt = make_prompt(builder, "square", image_path, None)
+    settings = SparsitySettings(neurons=NeuronBudget("beta", 0.4))
+    result = engine.generate(prompt, GenerationSettings(max_new_tokens=6, stop_at_eos=False), sparsity=settings)
+    assert len(result.token_ids) == 6
+    assert result.core_neurons == [64] * engine.text.num_layers  # ceil(0.4 * 160)
+    assert 0 < result.kept_image_tokens < result.image_tokens
+
+
+def test_flat_and_nested_configs_read_the_same(build_qwen2_5_vl):
+    flat_dir, _ = build_qwen2_5_vl(**MODELS["published-untied"])
+    nested_dir, _ = build_qwen2_5_vl(**MODELS["v5-untied-sharded"])
+    flat, nested = load_model_config(flat_dir), load_model_config(nested_dir)
+    assert flat == nested
+    assert flat.family == "qwen2_5_vl" and flat.text.attention_bias and not flat.text.tie_word_embeddings
+    assert flat.text.rope.mrope_section == (2, 3, 3) and flat.text.rope.rope_type == "default"
+    assert load_model_config(build_qwen2_5_vl(**MODELS["published-tied-sharded"])[0]).text.tie_word_embeddings
+
+
+@pytest.mark.parametrize("tokens, rank", [("knee", "fastv"), ("count:4", "random"), ("ratio:0.5", "core")])
+def test_token_rules_complete_on_qwen(loaded, tokens, rank, wide_image_path):
+    engine, builder, _ = loaded("published-untied")
+    prompt = make_prompt(builder, "wide", None, wide_image_path)
+    settings = SparsitySettings(tokens=TokenRule.parse(tokens), token_rank=rank)
+    result = engine.generate(prompt, GenerationSettings(max_new_tokens=4, stop_at_eos=False), sparsity=settings)
+    n_image = prompt.image_positions.numel()
+    assert result.kept_image_tokens == {"count:4": 4, "ratio:0.5": n_image // 2}.get(tokens, result.kept_image_tokens)
+    assert 0 < result.kept_image_tokens < n_image
+    assert set(result.kv_cache_tokens) == {prompt.num_tokens - n_image + result.kept_image_tokens + 3}
+
+
+def test_run_command_with_pixel_limits(build_qwen2_5_vl, wide_image_path, capsys):
+    import json
+
+    import edgecm_cli
+
+    model_dir, _ = build_qwen2_5_vl(**MODELS["published-untied"])
+    base = ["run", "--model", str(model_dir), "--image", str(wide_image_path), "-q", QUESTION,
+            "--max-new-tokens", "4", "--json"]
+    assert edgecm_cli.main(base) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert default["image_tokens"] == 18
+    assert edgecm_cli.main(base + ["--max-pixels", str(16 * 16 * 8)]) == 0
+    assert json.loads(capsys.readouterr().out)["image_tokens"] <= 8
+    assert edgecm_cli.main(base + ["--min-pixels", "5000", "--max-pixels", "4000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "min_pixels" in err
+
+
+@pytest.mark.parametrize("shape, layers, kv_per_token, tied", [
+    ("qwen2.5-vl-3b", 36, 2 * 36 * 2 * 128 * 2, True), ("qwen2.5-vl-7b", 28, 2 * 28 * 4 * 128 * 2, False),
+])
+def test_plan_published_shapes(shape, layers, kv_per_token, tied, capsys):
+    import json
+
+    import edgecm_cli
+    from edgecm_cli.plan import SHAPES_DIR
+
+    assert edgecm_cli.main(["plan", "--shape", shape, "--budget", "12GiB", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["kv_bytes_per_token"] == kv_per_token  # K and V, float16, the models' KV heads
+    config = load_model_config(SHAPES_DIR / shape)
+    assert config.text.num_layers == layers and config.text.tie_word_embeddings == tied
+    assert "vision" in record["phases"]
+
+
+def test_model_view_rebuilds_the_image_from_its_patches(loaded, wide_image_path):
+    engine, builder, _ = loaded("published-untied")
+    prompt = make_prompt(builder, "wide", None, wide_image_path)
+    view = engine.family.model_view(engine.config, prompt, builder.processor)  # (3, H, W)
+    import numpy as np
+
+    original = torch.from_numpy(np.asarray(load_image(wide_image_path), dtype=np.float32))  # 96x48: no resize needed
+    original = original.permute(2, 0, 1) / 255
+    assert view.shape == (3, 48, 96)
+    assert (view - original).abs().max().item() < 1e-5
+
+
+def test_show_frames_exactly_the_kept_tokens_of_a_wide_image(build_qwen2_5_vl, wide_image_path, tmp_path, capsys):
+    from PIL import Image
+
+    import edgecm_cli
+    from edgecm_cli.show import KEPT_FRAME, PATCH_SCALE
+
+    model_dir, _ = build_qwen2_5_vl(**MODELS["published-untied"])
+    out = tmp_path / "show.png"
+    code = edgecm_cli.main(["show", "--model", str(model_dir), "--image", str(wide_image_path), "-q", QUESTION,
+                            "--out", str(out), "--tokens", "count:5", "--max-new-tokens", "4"])
+    assert code == 0 and out.is_file()
+    checkpoint = open_checkpoint(model_dir)
+    prompt = PromptBuilder(checkpoint).build(QUESTION, load_image(wide_image_path))
+    result = Engine(checkpoint).generate(
+        prompt, GenerationSettings(max_new_tokens=4), sparsity=SparsitySettings(tokens=TokenRule.parse("count:5"))
+    )
+    picture = Image.open(out).convert("RGB")
+    cell, header, (rows, cols) = 16 * PATCH_SCALE, 58, (3, 6)  # edgecm_cli.show.render's header rows
+    framed = {i for i in range(rows * cols)
+              if picture.getpixel(((i % cols) * cell + cell // 2, header + (i // cols) * cell)) == KEPT_FRAME}
+    assert framed == set(result.selection.keep.tolist())
+    assert "kept 5 of 18" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("height, width, max_pixels", [(720, 1280, 12845056), (720, 1280, 401408), (37, 500, 50000),
+                                                       (3000, 20, 1003520), (10, 10, 12845056)])
+def test_planner_resize_rule_is_the_processors(height, width, max_pixels):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as reference
+
+    from edgecm.families.qwen2_5_vl import smart_resize
+
+    assert smart_resize(height, width, 28, 3136, max_pixels) == reference(height, width, 28, 3136, max_pixels)
