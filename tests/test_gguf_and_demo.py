@@ -69,7 +69,7 @@ def test_demo_is_built_once_and_answers_with_real_language_weights(demo_home, im
     assert (directory / "model.safetensors").stat().st_mtime_ns == stamp  # cached, not rebuilt
 
     checkpoint = open_checkpoint(directory)
-    assert checkpoint.config.kind == "llava" and checkpoint.config.vision.tokens_per_image == 576
+    assert checkpoint.config.family == "llava" and checkpoint.config.vision.tokens_per_image == 196
     # The language weights are the GGUF's, stored as float16.
     gguf = open_checkpoint(smollm2_gguf_path())
     name = "layers.7.mlp.down_proj.weight"
@@ -83,6 +83,6 @@ def test_demo_is_built_once_and_answers_with_real_language_weights(demo_home, im
     assert "Paris" in answer
 
     prompt = builder.build("Describe the image.", load_image(image_path))
-    assert prompt.image_positions.numel() == 576
+    assert prompt.image_positions.numel() == 196
     result = engine.generate(prompt, GenerationSettings(max_new_tokens=8), builder.stop_token_ids)
-    assert result.image_tokens == 576 and len(result.token_ids) >= 1
+    assert result.image_tokens == 196 and len(result.token_ids) >= 1

@@ -1,0 +1,177 @@
+"""Token-pruning fidelity on held-out scenes of the shapes world (the paper's Table 2, on the demo).
+
+    python3 bench/token_fidelity.py [--scenes 300] [--per-scene 2] [--counts 64,32,16] [--model DIR]
+
+Each held-out scene (seeds from edgecm.scenes.HELD_OUT_SEED_START, never
+used in training) is asked ``--per-scene`` questions, the kinds taken in
+rotation so that every kind is asked about equally often. Every question is
+answered greedily under each variant:
+
+- dense: no pruning at all;
+- core at the knee (the CoreMatching default token rule), with its mean kept count;
+- core, fastv and random at each of ``--counts`` kept image tokens;
+- core at the knee and at the middle count again with ``--keep-early-kv``
+  (layers 0..K keep the dropped tokens' KV entries instead of the
+  core-token-only cache).
+
+Token variants decode with every FFN neuron (``--neurons dense``) so that the
+table measures token pruning alone; one more row, "corematching default",
+adds the default neuron budget to the knee. An answer is right when it
+equals the ground truth after lower-casing and trimming a final full stop;
+a caption is right when it names exactly the scene's objects.
+
+Writes ``--out``.json (every answer) and ``--out``.md (the table) with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgecm import scenes  # noqa: E402
+from edgecm.sparsity import DENSE, NeuronBudget, SparsitySettings, TokenRule  # noqa: E402
+
+ANSWER_TOKENS = {"caption": 40}  # a four-object caption is about 20 tokens
+SHORT_ANSWER_TOKENS = 6
+KINDS = ("colour", "shape", "count", "position", "presence", "caption")
+
+
+def variants(counts: list[int]) -> list[tuple[str, SparsitySettings]]:
+    tokens_only = SparsitySettings(neurons=NeuronBudget("dense"))
+    out = [("dense", DENSE), ("core knee", tokens_only)]
+    for n in counts:
+        for rank in ("core", "fastv", "random"):
+            out.append((f"{rank} {n}", replace(tokens_only, tokens=TokenRule("count", n), token_rank=rank)))
+    middle = counts[len(counts) // 2]
+    out.append(("core knee, early KV kept", replace(tokens_only, keep_early_kv=True)))
+    out.append((f"core {middle}, early KV kept",
+                replace(tokens_only, tokens=TokenRule("count", middle), token_rank="core", keep_early_kv=True)))
+    out.append(("corematching default", SparsitySettings()))
+    return out
+
+
+def held_out_questions(n_scenes: int, per_scene: int) -> list[tuple[scenes.Scene, scenes.Question]]:
+    """``per_scene`` questions for each held-out scene, kinds in rotation (the next kind the scene has)."""
+    picked = []
+    turn = 0
+    for i in range(n_scenes):
+        scene = scenes.make_scene(scenes.HELD_OUT_SEED_START + i)
+        by_kind: dict[str, list[scenes.Question]] = {}
+        for q in scene.questions():
+            by_kind.setdefault(q.kind, []).append(q)
+        for _ in range(per_scene):
+            for step in range(len(KINDS)):
+                kind = KINDS[(turn + step) % len(KINDS)]
+                if kind in by_kind:
+                    options = by_kind[kind]
+                    picked.append((scene, options[(i + turn) % len(options)]))
+                    turn = (turn + step + 1) % len(KINDS)
+                    break
+    return picked
+
+
+def machine() -> str:
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scenes", type=int, default=300)
+    ap.add_argument("--per-scene", type=int, default=1)
+    ap.add_argument("--counts", default="64,32,16", help="kept image-token counts, comma-separated")
+    ap.add_argument("--model", default=None, help="a checkpoint directory (default: the demo)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", default=None, help="comma-separated variant names to run (default: all)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "token-fidelity-demo-cpu")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from edgecm.checkpoint import open_checkpoint
+    from edgecm.demo import demo_checkpoint_dir
+    from edgecm.prompt import PromptBuilder
+    from runtime.engine import Engine, GenerationSettings
+
+    checkpoint = open_checkpoint(args.model or demo_checkpoint_dir())
+    builder = PromptBuilder(checkpoint)
+    engine = Engine(checkpoint)
+    counts = [int(c) for c in args.counts.split(",")]
+    chosen = variants(counts)
+    if args.only:
+        names = set(args.only.split(","))
+        chosen = [(n, s) for n, s in chosen if n in names]
+    questions = held_out_questions(args.scenes, args.per_scene)
+    rows: list[dict] = []
+    started = time.time()
+    for qi, (scene, question) in enumerate(questions):
+        prompt = builder.build(question.text, scene.render())
+        budget = ANSWER_TOKENS.get(question.kind, SHORT_ANSWER_TOKENS)
+        for name, sparsity in chosen:
+            result = engine.generate(prompt, GenerationSettings(max_new_tokens=budget), builder.stop_token_ids,
+                                     sparsity=sparsity)
+            answer = builder.decode(result.token_ids).strip()
+            rows.append({
+                "variant": name, "seed": scene.seed, "kind": question.kind, "question": question.text,
+                "truth": question.answer, "answer": answer, "correct": scenes.answer_is_correct(question, answer),
+                "kept_image_tokens": result.kept_image_tokens, "image_tokens": result.image_tokens,
+                "prefill_s": result.timings.time_to_answer_s,
+            })
+        if (qi + 1) % 20 == 0:
+            print(f"{qi + 1}/{len(questions)} questions, {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+    summary = summarise(rows, [n for n, _ in chosen])
+    record = {"machine": machine(), "model": str(args.model or "demo"), "scenes": args.scenes,
+              "questions": len(questions), "seconds": round(time.time() - started, 1), "summary": summary,
+              "answers": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    table = markdown(summary, record)
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+    return 0
+
+
+def summarise(rows: list[dict], names: list[str]) -> list[dict]:
+    out = []
+    for name in names:
+        mine = [r for r in rows if r["variant"] == name]
+        entry = {"variant": name, "n": len(mine)}
+        for kind in KINDS:
+            of_kind = [r for r in mine if r["kind"] == kind]
+            entry[kind] = sum(r["correct"] for r in of_kind) / len(of_kind) if of_kind else None
+        entry["overall"] = sum(r["correct"] for r in mine) / len(mine) if mine else None
+        entry["mean_kept"] = sum(r["kept_image_tokens"] for r in mine) / len(mine) if mine else None
+        entry["mean_prefill_s"] = sum(r["prefill_s"] for r in mine) / len(mine) if mine else None
+        out.append(entry)
+    return out
+
+
+def markdown(summary: list[dict], record: dict) -> str:
+    def pct(v):
+        return "" if v is None else f"{100 * v:.1f}"
+
+    image_tokens = record["answers"][0]["image_tokens"] if record["answers"] else 0
+    lines = [
+        f"Token-pruning fidelity on {record['scenes']} held-out scenes ({record['questions']} questions), "
+        f"model {record['model']}, {image_tokens} image tokens per image; {record['machine']}. "
+        f"Exact-answer accuracy in %; kept = mean image tokens kept after layer K.",
+        "",
+        "| variant | " + " | ".join(KINDS) + " | overall | kept | prefill s |",
+        "|---" * (len(KINDS) + 4) + "|",
+    ]
+    for e in summary:
+        lines.append(f"| {e['variant']} | " + " | ".join(pct(e[k]) for k in KINDS)
+                     + f" | **{pct(e['overall'])}** | {e['mean_kept']:.1f} | {e['mean_prefill_s']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,302 @@
+"""Train the demo's vision tower and projector on the shapes world, SmolLM2 frozen.
+
+    python3 bench/train_demo_vision.py [--steps 400] [--out edgecm/data/demo_vision.safetensors]
+
+Two stages, both seeded and logged (one JSON line per step in --log):
+
+1. Tower warm-up (cheap, no language model): the CLIP tower learns, patch by
+   patch, the colour and the shape of the object under each patch (or
+   background), from linear heads on the features LLaVA reads. A tower
+   trained from scratch through a frozen 135M language model alone would
+   need far more steps than a 2-core CPU gives in two hours; this stage gives
+   it local, patch-aligned features first, which is also what token pruning
+   needs (an object's information stays in its own tokens).
+2. The LLaVA recipe: tower and projector are trained together through the
+   frozen SmolLM2 on multi-turn question/answer conversations about each
+   scene, with the loss on the answer tokens only. Several questions share
+   one image, so the 196 image tokens are paid for once per conversation.
+
+The result is written in float16 to --out (the file edgecm ships and builds
+the demo from), the loss curve to --curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgecm import demo, scenes  # noqa: E402
+
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+# A patch counts as an object's when the object covers at least this share of it.
+PATCH_COVER = 0.2
+
+
+def pixels(image) -> torch.Tensor:
+    """PIL image (already IMAGE_SIZE square) -> normalised (3, H, W), as the CLIP processor gives it."""
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (x - CLIP_MEAN) / CLIP_STD
+
+
+def patch_labels(scene: scenes.Scene, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per patch: colour index + 1 and shape index + 1 of the object covering it (0: background)."""
+    from PIL import Image, ImageDraw
+
+    size = scenes.IMAGE_SIZE
+    grid = size // patch
+    colour = torch.zeros(grid * grid, dtype=torch.long)
+    shape = torch.zeros(grid * grid, dtype=torch.long)
+    best = torch.zeros(grid * grid)
+    for obj in scene.objects:
+        mask = Image.new("L", (size, size), 0)
+        scenes.draw_shape(ImageDraw.Draw(mask), obj, 1.0, 255)
+        cover = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)
+        cover = cover.view(grid, patch, grid, patch).mean(dim=(1, 3)).flatten()
+        take = (cover >= PATCH_COVER) & (cover > best)
+        colour[take] = list(scenes.COLOURS).index(obj.colour) + 1
+        shape[take] = scenes.SHAPES.index(obj.shape) + 1
+        best = torch.where(take, cover, best)
+    return colour, shape
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def warm_up_tower(model, args, log) -> None:
+    """Stage 1: per-patch colour and shape classification from the features LLaVA reads."""
+    tower = model.model.vision_tower
+    d = tower.config.hidden_size
+    heads = torch.nn.Linear(d, len(scenes.COLOURS) + 1 + len(scenes.SHAPES) + 1)
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=args.warmup_lr, weight_decay=0.01)
+    patch = tower.config.patch_size
+    n_colour = len(scenes.COLOURS) + 1
+    seed = 0
+    for step in range(args.warmup_steps):
+        batch = [scenes.make_scene(seed + i) for i in range(args.warmup_batch)]
+        seed += args.warmup_batch
+        x = torch.stack([pixels(s.render()) for s in batch])
+        labels = [patch_labels(s, patch) for s in batch]
+        colour = torch.stack([c for c, _ in labels]).flatten()
+        shape = torch.stack([s for _, s in labels]).flatten()
+        feats = tower(x, output_hidden_states=True).hidden_states[demo.VISION_FEATURE_LAYER][:, 1:]
+        logits = heads(feats).flatten(0, 1)
+        loss = F.cross_entropy(logits[:, :n_colour], colour) + F.cross_entropy(logits[:, n_colour:], shape)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.warmup_steps, args.warmup_lr, 20)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        obj = colour > 0
+        acc = (logits[obj, :n_colour].argmax(-1) == colour[obj]).float().mean().item()
+        log({"stage": "tower", "step": step, "loss": loss.item(), "object_patch_colour_acc": acc})
+    args.next_seed = seed
+
+
+def conversation(scene: scenes.Scene, rng: random.Random) -> list[scenes.Question]:
+    """One question of each kind in random order, the caption (in one of its phrasings) in about half of them."""
+    by_kind: dict[str, list[scenes.Question]] = {}
+    for q in scene.questions():
+        by_kind.setdefault(q.kind, []).append(q)
+    chosen = [rng.choice(qs) for kind, qs in by_kind.items() if kind != "caption"]
+    if rng.random() < 0.5:
+        caption = by_kind["caption"][0]
+        chosen.append(replace(caption, text=rng.choice(scenes.CAPTION_PROMPTS)))
+    rng.shuffle(chosen)
+    return chosen
+
+
+def encode_conversation(tokenizer, image_token_id: int, n_image: int, qas) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (T,) of a ChatML conversation with the image in the first user turn, and labels (T,)."""
+    ids: list[int] = []
+    labels: list[int] = []
+
+    def add(text: str, learn: bool) -> None:
+        toks = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids.extend(toks)
+        labels.extend(toks if learn else [-100] * len(toks))
+
+    add(SYSTEM, False)
+    for i, q in enumerate(qas):
+        add("<|im_start|>user\n", False)
+        if i == 0:
+            ids.extend([image_token_id] * n_image)
+            labels.extend([-100] * n_image)
+            add("\n", False)
+        add(f"{q.text}<|im_end|>\n<|im_start|>assistant\n", False)
+        add(f"{q.answer}<|im_end|>", True)
+        add("\n", False)
+    return torch.tensor(ids), torch.tensor(labels)
+
+
+def train_language_stage(model, tokenizer, args, log) -> None:
+    """Stage 2: tower + projector through the frozen language model, loss on answers only."""
+    cfg = model.config
+    n_image = (demo.VISION["image_size"] // demo.VISION["patch_size"]) ** 2
+    tower_params = list(model.model.vision_tower.parameters())
+    proj_params = list(model.model.multi_modal_projector.parameters())
+    opt = torch.optim.AdamW(
+        [{"params": tower_params, "lr": args.tower_lr, "peak": args.tower_lr},
+         {"params": proj_params, "lr": args.lr, "peak": args.lr}],
+        weight_decay=0.0,
+    )
+    lm = model.model.language_model
+    embed = lm.embed_tokens
+    rng = random.Random(args.seed)
+    seed = args.next_seed
+    started = time.time()
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, group["peak"], 20)
+        opt.zero_grad()
+        total, answered = 0.0, 0
+        for _ in range(args.accumulate):
+            scene = scenes.make_scene(seed)
+            seed += 1
+            ids, labels = encode_conversation(tokenizer, cfg.image_token_id, n_image, conversation(scene, rng))
+            feats = model.model.get_image_features(pixel_values=pixels(scene.render())[None])
+            feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+            feats = torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats.flatten(0, -2)
+            x = embed(ids[None]).clone()
+            x[0, ids == cfg.image_token_id] = feats.to(x.dtype)
+            hidden = lm(inputs_embeds=x).last_hidden_state[0]
+            # Position t predicts token t + 1: score only the positions that precede an answer token.
+            targets = labels[1:]
+            where = (targets != -100).nonzero().flatten()
+            logits = model.lm_head(hidden[where])
+            loss = F.cross_entropy(logits.float(), targets[where])
+            (loss / args.accumulate).backward()
+            total += loss.item()
+            answered += len(where)
+        torch.nn.utils.clip_grad_norm_(tower_params + proj_params, 1.0)
+        opt.step()
+        log({"stage": "language", "step": step, "loss": total / args.accumulate, "answer_tokens": answered,
+             "elapsed_s": round(time.time() - started, 1)})
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            save(model, args.out)
+
+
+def save(model, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {}
+    for prefix, module in (("vision_tower.", model.model.vision_tower),
+                           ("multi_modal_projector.", model.model.multi_modal_projector)):
+        for k, v in module.state_dict().items():
+            state[prefix + k] = v.detach().to(torch.float16).contiguous()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out)
+
+
+def plot_curve(log_path: Path, curve: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, stage, title in ((axes[0], "tower", "1. tower warm-up (patch colour + shape)"),
+                             (axes[1], "language", "2. through frozen SmolLM2 (answer tokens)")):
+        steps = [r["step"] for r in rows if r["stage"] == stage]
+        loss = np.array([r["loss"] for r in rows if r["stage"] == stage])
+        ax.plot(steps, loss, color="#bbbbbb", linewidth=0.8, label="per step")
+        if len(loss) >= 10:
+            k = 10
+            smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+            ax.plot(steps[k - 1:], smooth, color="#1f5ad6", label="mean of 10")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    curve.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(curve, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=400, help="language-stage optimiser steps")
+    ap.add_argument("--accumulate", type=int, default=4, help="conversations per language-stage step")
+    ap.add_argument("--lr", type=float, default=1e-3, help="projector peak learning rate")
+    ap.add_argument("--tower-lr", type=float, default=2e-4, help="tower peak learning rate in stage 2")
+    ap.add_argument("--warmup-steps", type=int, default=300, help="tower warm-up steps (stage 1)")
+    ap.add_argument("--warmup-batch", type=int, default=16)
+    ap.add_argument("--warmup-lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save-every", type=int, default=25)
+    ap.add_argument("--out", type=Path, default=ROOT / "edgecm" / "data" / "demo_vision.safetensors")
+    ap.add_argument("--log", type=Path, default=ROOT / "bench" / "results" / "train-demo-vision.jsonl")
+    ap.add_argument("--curve", type=Path, default=ROOT / "docs" / "demo-vision-loss.png")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    from transformers import LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    log_file = args.log.open("w")
+    started = time.time()
+
+    def log(row: dict) -> None:
+        row["wall_s"] = round(time.time() - started, 1)
+        log_file.write(json.dumps(row) + "\n")
+        log_file.flush()
+        if row["step"] % 10 == 0:
+            print(json.dumps(row), flush=True)
+
+    gguf = demo.smollm2_gguf_path()
+    with tempfile.TemporaryDirectory() as tmp:
+        from edgecm.gguf_source import GGUFSource
+
+        hidden = GGUFSource(gguf).config.text.hidden_size
+        demo.build_demo(gguf, Path(tmp), vision_state=demo.random_vision_state(args.seed, hidden))
+        model = LlavaForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32)
+        from transformers import AutoProcessor
+
+        tokenizer = AutoProcessor.from_pretrained(tmp).tokenizer
+    model.train()
+    for p in model.model.language_model.parameters():
+        p.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(False)
+    # The projector starts with outputs at the scale of the token embeddings the model knows.
+    with torch.no_grad():
+        model.model.multi_modal_projector.linear_2.weight.mul_(0.1)
+        model.model.multi_modal_projector.linear_2.bias.zero_()
+
+    warm_up_tower(model, args, log)
+    train_language_stage(model, tokenizer, args, log)
+    log_file.close()
+    plot_curve(args.log, args.curve)
+    print(f"trained in {time.time() - started:.0f} s; weights: {args.out}; curve: {args.curve}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
