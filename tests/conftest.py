@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -66,3 +67,9 @@ def demo_home(tmp_path_factory):
     patch.setenv("EDGECM_HOME", str(home))
     yield home
     patch.undo()
+
+
+def default_sigint() -> None:
+    """preexec_fn for programs a test interrupts: Ctrl-C must reach them even when the test run itself was
+    started with SIGINT ignored (a background job, nohup), which children would otherwise inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import default_sigint
 from tiny import write_test_image
 
 TINY = dict(gqa=True, tied=False, layout="v5", sharded=False, chat_template=True)
@@ -235,7 +236,7 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(build_llava, image_path, 
     model_dir, _ = build_llava(**TINY)
     run = subprocess.Popen([sys.executable, "-m", "edgecm_cli", "run", "--model", str(model_dir), "--image",
                             str(image_path), "-q", "hi", "--max-new-tokens", "400", "--temperature", "1"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     time.sleep(delay)
     run.send_signal(signal.SIGINT)
     _, stderr = run.communicate(timeout=120)

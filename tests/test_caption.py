@@ -17,6 +17,7 @@ import pytest
 import edgecm_cli
 from edgecm.errors import EdgecmError
 from edgecm_cli.caption import expand_inputs, in_shard, parse_shard, recover
+from conftest import default_sigint
 from tiny import write_test_image
 
 TINY = dict(gqa=True, tied=False, layout="v5", sharded=False, chat_template=True)
@@ -133,7 +134,7 @@ def _spawn(model_dir, inputs, out):
     return subprocess.Popen(
         [sys.executable, "-m", "edgecm_cli", "caption", *inputs, "--out", str(out), "--model", str(model_dir),
          "--max-new-tokens", "48", "--resident"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint,
     )
 
 

@@ -7,6 +7,7 @@ import sys
 
 import pexpect
 import pytest
+from conftest import default_sigint
 
 TINY = dict(gqa=True, tied=False, layout="v5", sharded=False, chat_template=True)
 PROMPT = "you>"
@@ -16,7 +17,8 @@ def spawn(args, env_extra=None, timeout=90):
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40", **(env_extra or {})}
     # The terminal's own ^C echo can land inside a multi-byte character: decode with replacement.
     child = pexpect.spawn(
-        sys.executable, ["-m", "edgecm_cli", "chat", *args], env=env, encoding="utf-8", codec_errors="replace", timeout=timeout
+        sys.executable, ["-m", "edgecm_cli", "chat", *args], env=env, encoding="utf-8", codec_errors="replace",
+        timeout=timeout, preexec_fn=default_sigint,
     )
     child.expect(PROMPT)
     return child
