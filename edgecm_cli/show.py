@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -160,6 +161,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise EdgecmError(f"--out {out}: the picture is a PNG; give a path ending in .png")
+    if out.is_dir():
+        raise EdgecmError(f"--out {out}: is a folder; give a file path ending in .png")
+    folder = out.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise EdgecmError(f"--out {out}: cannot write in {folder}; pass --out a path in a writable folder")
     if (args.image is None) == (args.video is None):
         raise EdgecmError("show draws one image or one video; pass --image PATH or --video DIR")
     image = load_image(args.image) if args.image else None

@@ -244,3 +244,16 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(build_llava, image_path, 
         pytest.skip("the run finished before the signal")
     assert run.returncode == 130, stderr
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "edgecm: interrupted"
+
+
+@pytest.mark.parametrize("where", ["folder", "under-a-file"])
+def test_show_out_that_cannot_be_written_is_refused_before_the_model_loads(image_path, tmp_path, where):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    out = tmp_path / "pic.png" if where == "folder" else blocker / "pic.png"
+    if where == "folder":
+        out.mkdir()
+    done = edgecm("show", "--model", str(tmp_path / "never-opened"), "--image", str(image_path), "-q", "hi",
+                  "--out", str(out), "--tokens", "count:2")
+    assert done.returncode == 2
+    assert ("is a folder" if where == "folder" else "writable folder") in one_error_line(done.stderr)
