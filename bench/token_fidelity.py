@@ -91,7 +91,7 @@ def main() -> int:
     ap.add_argument("--counts", default="64,32,16", help="kept image-token counts, comma-separated")
     ap.add_argument("--model", default=None, help="a checkpoint directory (default: the demo)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", default=None, help="comma-separated variant names to run (default: all)")
+    ap.add_argument("--only", default=None, help="variant names to run, separated by ';' (default: all)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "token-fidelity-demo-cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -107,7 +107,7 @@ def main() -> int:
     counts = [int(c) for c in args.counts.split(",")]
     chosen = variants(counts)
     if args.only:
-        names = set(args.only.split(","))
+        names = {n.strip() for n in args.only.split(";")}  # names hold commas ("core knee, early KV kept")
         chosen = [(n, s) for n, s in chosen if n in names]
     questions = held_out_questions(args.scenes, args.per_scene)
     rows: list[dict] = []

@@ -56,7 +56,7 @@ def test_the_token_fidelity_bench_runs_end_to_end(demo_home, tmp_path):
     out = tmp_path / "fidelity"
     subprocess.run(
         [sys.executable, str(ROOT / "bench" / "token_fidelity.py"), "--scenes", "2", "--per-scene", "1",
-         "--counts", "16", "--only", "dense,core 16,fastv 16,random 16", "--out", str(out)],
+         "--counts", "16", "--only", "dense;core 16;fastv 16;random 16", "--out", str(out)],
         check=True, capture_output=True, text=True, timeout=600,
     )
     record = json.loads(out.with_suffix(".json").read_text())
