@@ -19,7 +19,6 @@ from dataclasses import dataclass, replace
 import psutil
 import torch
 
-from edgecm.errors import EdgecmError
 from runtime.planner import GiB, DeviceProfile, list_profiles, load_profile, parse_bytes
 
 GENERIC_CUDA_RESERVED = 600 * 1024**2  # CUDA context and allocator slack on a card without a profile

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from edgecm.checkpoint import open_checkpoint
-from edgecm.model import activation, feed_forward, rms_norm
 from edgecm.prompt import PromptBuilder
-from edgecm.rope import apply_rotary
 from edgecm.sparsity import NeuronBudget, SparsitySettings, TokenRule
 from edgecm.vision import load_image
+from reference import masked_reference
 from runtime.engine import Engine, GenerationSettings
 
 TINY = dict(gqa=True, tied=False, layout="v5", sharded=False, chat_template=True)
@@ -54,39 +52,6 @@ def test_neuron_sparsity_leaves_prefill_dense_and_slices_decode(setup):
     width = engine.text.intermediate_size
     assert sparse.core_neurons == [64, width, 64]  # ceil(0.4 * 160) = 64; layer 1 kept dense
     assert not torch.equal(sparse.logits[1:], dense.logits[1:])  # decode did use the slices
-
-
-def masked_reference(engine: Engine, prompt, generated: list[int], dropped: torch.Tensor, k: int, keep_early_kv: bool):
-    """Dense forward over prompt + generated tokens at their original positions, with dropped image
-    tokens masked out of attention in layers after K (and, for a core-token-only cache, out of the
-    generated tokens' attention in layers 0..K too). Returns the logits predicting each generated token."""
-    text = engine.text
-    t = prompt.num_tokens
-    hidden = torch.cat([engine.embed(prompt), F.embedding(torch.tensor([generated[:-1]]), engine.embed_tokens)], dim=1)
-    length = hidden.shape[1]
-    positions = torch.arange(length)
-    cos, sin = engine.rotary.cos_sin(positions, engine.dtype)
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    is_dropped = torch.zeros(length, dtype=torch.bool)
-    is_dropped[dropped] = True
-    h, hkv, d = text.num_heads, text.num_kv_heads, text.head_dim
-    for layer in range(text.num_layers):
-        w = engine.streamer.load(layer)
-        allowed = causal.clone()
-        if layer > k:
-            allowed[:, is_dropped] = False
-        elif not keep_early_kv:
-            allowed[t:, is_dropped] = False
-        allowed |= torch.eye(length, dtype=torch.bool)  # a dropped query still needs one key; its output is unused
-        x = rms_norm(hidden, w.input_norm, text.rms_norm_eps)
-        q = F.linear(x, w.q).view(1, length, h, d).transpose(1, 2)
-        kk = F.linear(x, w.k).view(1, length, hkv, d).transpose(1, 2)
-        v = F.linear(x, w.v).view(1, length, hkv, d).transpose(1, 2)
-        q, kk = apply_rotary(q, cos, sin), apply_rotary(kk, cos, sin)
-        att = F.scaled_dot_product_attention(q, kk, v, attn_mask=allowed, enable_gqa=True)
-        hidden = hidden + F.linear(att.transpose(1, 2).reshape(1, length, h * d), w.o)
-        hidden = hidden + feed_forward(rms_norm(hidden, w.post_norm, text.rms_norm_eps), w, activation(text.hidden_act))
-    return engine.head(hidden)[0, t - 1 :]
 
 
 @pytest.mark.parametrize("keep_early_kv", [False, True])

@@ -7,15 +7,13 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from edgecm.checkpoint import open_checkpoint
 from edgecm.config import load_model_config
-from edgecm.model import activation, feed_forward, rms_norm
 from edgecm.prompt import PromptBuilder
-from edgecm.rope import apply_rotary
 from edgecm.sparsity import NeuronBudget, SparsitySettings, TokenRule
 from edgecm.vision import load_image
+from reference import masked_reference
 from runtime.engine import Engine, GenerationSettings
 from runtime.planner import model_sizes
 
@@ -126,41 +124,6 @@ def test_planner_counts_the_vision_tower(loaded):
     tower = sum(p.numel() for p in reference.model.visual.parameters())
     sizes = model_sizes(engine.config, "float32", "float32")
     assert sizes.vision == tower * 4
-
-
-def masked_reference(engine, prompt, generated, dropped, k):
-    """Dense forward over prompt + generated tokens at their 3-D positions, with the dropped image tokens
-    masked out of attention in layers after K and out of the generated tokens' attention in layers
-    0..K (the core-token-only cache). Returns the logits predicting each generated token."""
-    text = engine.text
-    t = prompt.num_tokens
-    hidden = torch.cat([engine.embed(prompt), F.embedding(torch.tensor([generated[:-1]]), engine.embed_tokens)], dim=1)
-    length = hidden.shape[1]
-    start = engine.family.next_position(engine.config, prompt)
-    decode_positions = torch.arange(start, start + length - t).expand(3, -1)
-    positions = torch.cat([engine.family.positions(engine.config, prompt, torch.device("cpu")), decode_positions], 1)
-    cos, sin = engine.rotary.cos_sin(positions, engine.dtype)
-    causal = torch.ones(length, length, dtype=torch.bool).tril()  # sequence order, not rotary ids
-    is_dropped = torch.zeros(length, dtype=torch.bool)
-    is_dropped[dropped] = True
-    h, hkv, d = text.num_heads, text.num_kv_heads, text.head_dim
-    for layer in range(text.num_layers):
-        w = engine.streamer.load(layer)
-        allowed = causal.clone()
-        if layer > k:
-            allowed[:, is_dropped] = False
-        else:
-            allowed[t:, is_dropped] = False
-        allowed |= torch.eye(length, dtype=torch.bool)  # a dropped query still needs one key; its output is unused
-        x = rms_norm(hidden, w.input_norm, text.rms_norm_eps)
-        q = F.linear(x, w.q, w.q_bias).view(1, length, h, d).transpose(1, 2)
-        kk = F.linear(x, w.k, w.k_bias).view(1, length, hkv, d).transpose(1, 2)
-        v = F.linear(x, w.v, w.v_bias).view(1, length, hkv, d).transpose(1, 2)
-        q, kk = apply_rotary(q, cos, sin), apply_rotary(kk, cos, sin)
-        att = F.scaled_dot_product_attention(q, kk, v, attn_mask=allowed, enable_gqa=True)
-        hidden = hidden + F.linear(att.transpose(1, 2).reshape(1, length, h * d), w.o)
-        hidden = hidden + feed_forward(rms_norm(hidden, w.post_norm, text.rms_norm_eps), w, activation(text.hidden_act))
-    return engine.head(hidden)[0, t - 1 :]
 
 
 @pytest.mark.parametrize("tokens", ["count:6", "knee"])

@@ -13,7 +13,8 @@ from edgecm.prompt import PromptBuilder
 from edgecm.sparsity import NeuronBudget, SparsitySettings, TokenRule
 from edgecm.video import VideoOptions, read_video
 from runtime.engine import Engine, GenerationSettings
-from test_qwen2_5_vl import LOGITS_ATOL, MASKED_REFERENCE_ATOL, MODELS, masked_reference
+from reference import masked_reference
+from test_qwen2_5_vl import LOGITS_ATOL, MASKED_REFERENCE_ATOL, MODELS
 
 QUESTION = "What happens in the video?"
 
