@@ -52,24 +52,25 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
         "video": (
             ("--video",),
             dict(
-                metavar="DIR",
-                help="a folder of video frames, read in name order (Qwen2.5-VL); extract them from a file first, "
-                "e.g. ffmpeg -i clip.mp4 -vf fps=2 DIR/%%05d.png",
+                metavar="PATH",
+                help="a video file (MP4, MKV, WebM, AVI, MOV...) or a folder of its frames, read in name order "
+                "(Qwen2.5-VL)",
             ),
         ),
         "videos": (
             ("--videos",),
-            dict(action="store_true", help="each input folder is one video, a folder of frames (Qwen2.5-VL)"),
+            dict(action="store_true", help="search input folders for video files; a folder holding none is one video, its frames in name "
+            "order (Qwen2.5-VL). Video files named directly are always videos"),
         ),
         "fps": (
             ("--fps",),
-            dict(type=float, default=video.fps, metavar="F", help="frames per second of the --video folder (default: %(default)s)"),
+            dict(type=float, default=video.fps, metavar="F", help="frames per second sampled from a video file, or the rate of a folder of frames (default: %(default)s)"),
         ),
         "max_frames": (
             ("--max-frames",),
             dict(
                 type=int, default=video.max_frames, metavar="N",
-                help="most frames read from --video, evenly spaced (default: %(default)s)",
+                help="most frames kept from a video, evenly spaced over it (default: %(default)s)",
             ),
         ),
         "min_pixels": (

@@ -12,8 +12,10 @@ Safety of the output file:
   always parses and no image is written twice;
 - images are identified by their resolved absolute path.
 
-With ``--videos`` every folder among the inputs is one video (its frames in
-name order, as ``run --video`` reads them) instead of a folder of images.
+Video files among the inputs (named directly, or found in folders with
+``--videos``) are captioned as videos. With ``--videos`` a folder that holds
+no video file is one video (its frames in name order, as ``run --video``
+reads them) instead of a folder of images.
 
 ``--shard I/N`` keeps the images whose path hash modulo N is I: independent of
 listing order and of which other files exist, so N launchers need no coordination.
@@ -38,13 +40,16 @@ RECORD_START = b'{"path": '
 
 
 def expand_inputs(inputs: list[str], videos: bool = False) -> list[Path]:
-    """Files as given, folders searched recursively for images (or, with ``videos``, taken whole as videos),
-    list files read line by line; deduplicated."""
+    """Files as given, folders searched recursively for images (or, with ``videos``, for video files, and
+    taken whole as a video of frames where they hold none), list files read line by line; deduplicated."""
+    from edgecm.video import VIDEO_SUFFIXES
+
     found: list[Path] = []
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir() and videos:
-            found.append(path)
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+            found += files or [path]
         elif path.is_dir():
             found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
@@ -182,18 +187,20 @@ class JsonlWriter:
         self.handle.close()
 
 
-def caption_one(loaded, path: Path, prompt_text: str, video_options=None) -> dict:
-    """The JSON line for one image (or, with ``video_options``, one video folder): a caption, or an
-    ``error`` for an input that cannot be read."""
-    from edgecm.video import read_video
+def caption_one(loaded, path: Path, prompt_text: str, video_options=None, folders_are_videos: bool = False) -> dict:
+    """The JSON line for one image or video: a caption, or an ``error`` for an input that cannot be read.
+
+    Video files are videos by their suffix; folders are videos of frames with ``folders_are_videos``
+    (caption --videos). ``video_options`` says how videos are sampled."""
+    from edgecm.video import VIDEO_SUFFIXES, VideoOptions, read_video
     from edgecm.vision import load_image
 
     base = {"path": str(path), "prompt": prompt_text, "model": loaded.model_name}
     settings = {"sparsity": loaded.sparsity.to_json(), "max_new_tokens": loaded.generation.max_new_tokens}
-    is_video = video_options is not None and path.is_dir()
+    is_video = path.suffix.lower() in VIDEO_SUFFIXES or (folders_are_videos and path.is_dir())
     try:
         image = None if is_video else load_image(path)
-        video = read_video(path, video_options) if is_video else None
+        video = read_video(path, video_options or VideoOptions()) if is_video else None
     except EdgecmError as exc:
         return {**base, "error": str(exc), "settings": settings}
     prompt = loaded.builder.build(prompt_text, image, video)
@@ -234,7 +241,7 @@ def _caption(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
     from edgecm.video import VideoOptions
     from edgecm_cli import load_model
 
-    video_options = VideoOptions(args.fps, args.max_frames) if args.videos else None
+    video_options = VideoOptions(args.fps, args.max_frames)
     done = recover(out)
     todo = [p for p in paths if str(p) not in done]
     print(f"edgecm: {len(paths)} images, {len(paths) - len(todo)} already in {out}, {len(todo)} to caption", file=sys.stderr)
@@ -259,7 +266,7 @@ def _caption(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
         with Progress(*columns, console=Console(stderr=True)) as progress:
             task = progress.add_task("caption", total=len(todo), rate=0.0)
             for path in todo:
-                record = caption_one(loaded, path, args.prompt, video_options)
+                record = caption_one(loaded, path, args.prompt, video_options, folders_are_videos=args.videos)
                 errors += "error" in record
                 writer.write(record)
                 written += 1

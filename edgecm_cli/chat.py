@@ -18,7 +18,7 @@ from edgecm.errors import EdgecmError
 
 HELP = """commands:
   /image PATH   attach or replace the image (it goes with your next message)
-  /video DIR    attach or replace a video, a folder of frames (Qwen2.5-VL; with your next message)
+  /video PATH   attach or replace a video: a file or a folder of frames (Qwen2.5-VL; with your next message)
   /stats        the full breakdown of the last answer
   /reset        forget the conversation (the image stays attached)
   /help         this list
@@ -36,7 +36,7 @@ class Chat:
         self.video = None  # an edgecm.video.Video
         self.video_path: str | None = None
         self.video_turn: int | None = None
-        self.video_options = video_options  # fps and max frames of /video folders
+        self.video_options = video_options  # fps and max frames of /video
         self.last = None  # GenerationResult of the last answer
         self._stop = False
 
@@ -114,7 +114,7 @@ class Chat:
         from edgecm.video import VideoOptions, read_video
 
         if not path:
-            self.console.print("[red]/video needs a folder of frames[/], e.g. /video frames/")
+            self.console.print("[red]/video needs a video file or a folder of frames[/], e.g. /video clip.mp4")
             return
         if not self.loaded.checkpoint.config.is_multimodal:
             self.console.print("[red]this is a text-only model; it cannot take a video[/]")

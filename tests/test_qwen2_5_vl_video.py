@@ -1,4 +1,4 @@
-"""Qwen2.5-VL with a video (a folder of frames) against transformers on a tiny random checkpoint."""
+"""Qwen2.5-VL with a video (a folder of frames, or a video file) against transformers on a tiny random checkpoint."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from edgecm.video import VideoOptions, read_video
 from runtime.engine import Engine, GenerationSettings
 from reference import masked_reference
 from test_qwen2_5_vl import LOGITS_ATOL, MASKED_REFERENCE_ATOL, MODELS
+from tiny import write_test_video
 
 QUESTION = "What happens in the video?"
 
@@ -100,10 +101,53 @@ def test_pruned_video_equals_masked_dense_forward(setup, tokens):
     assert err.max().item() <= MASKED_REFERENCE_ATOL, f"max {err.max().item():.3e} mean {err.mean().item():.3e}"
 
 
+@pytest.fixture(scope="module")
+def video_file(frames_dir, tmp_path_factory) -> Path:
+    return write_test_video(tmp_path_factory.mktemp("clip") / "clip.mkv", frames_dir, fps=2)
+
+
+def test_a_lossless_video_file_reads_as_its_frames(video_file, frames_dir):
+    from_file, from_folder = read_video(video_file), read_video(frames_dir)
+    assert from_file.fps == from_folder.fps == 2.0
+    assert [f.tobytes() for f in from_file.frames] == [f.tobytes() for f in from_folder.frames]
+
+
+def test_a_video_file_is_sampled_at_fps_from_its_timestamps(frames_dir, tmp_path):
+    clip = write_test_video(tmp_path / "clip.mkv", frames_dir, fps=4)  # 4 frames at 4 fps: one second
+    folder = [f.tobytes() for f in read_video(frames_dir).frames]
+    half = read_video(clip, VideoOptions(fps=2.0))
+    assert half.fps == 2.0 and [f.tobytes() for f in half.frames] == folder[::2]
+    # Above the clip's own rate every frame is taken once, at the clip's rate: frames are never invented.
+    every = read_video(clip, VideoOptions(fps=10.0))
+    assert every.fps == 4.0 and [f.tobytes() for f in every.frames] == folder
+    thinned = read_video(clip, VideoOptions(fps=4.0, max_frames=2))
+    assert thinned.fps == 2.0 and len(thinned.frames) == 2
+
+
+def test_a_compressed_video_file_decodes(frames_dir, tmp_path):
+    clip = write_test_video(tmp_path / "clip.mp4", frames_dir, fps=2, codec="mpeg4")
+    video = read_video(clip)
+    assert len(video.frames) == 4 and video.frames[0].size == (64, 48) and video.fps == 2.0
+
+
+def test_video_file_prompt_matches_transformers(setup, video_file):
+    engine, builder, reference, _ = setup
+    prompt = builder.build(QUESTION, video=read_video(video_file))
+    with torch.inference_mode():
+        err = (engine.forward(prompt) - reference(**reference_inputs(prompt)).logits).abs()
+    assert prompt.video_grid_thw.tolist() == [[2, 6, 8]]
+    assert err.max().item() <= LOGITS_ATOL, f"max {err.max().item():.3e}"
+
+
 def test_unreadable_or_empty_videos_are_one_line_errors(tmp_path, image_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    for path, words in ((empty, "no frames"), (tmp_path / "missing", "no such folder"), (image_path, "not decoded")):
+    (tmp_path / "zero.mp4").write_bytes(b"")
+    (tmp_path / "junk.mp4").write_bytes(b"this is not a video " * 20)
+    cases = ((empty, "no frames"), (tmp_path / "missing", "no such video file or folder"),
+             (image_path, "still image"), (tmp_path / "zero.mp4", "file is empty"),
+             (tmp_path / "junk.mp4", "cannot be decoded as a video"))
+    for path, words in cases:
         with pytest.raises(EdgecmError, match=words) as err:
             read_video(path)
         assert "\n" not in str(err.value)
@@ -128,11 +172,18 @@ def test_run_command_with_a_video(build_qwen2_5_vl, frames_dir, tmp_path, capsys
     assert record["image_tokens"] == 24 and 0 < record["kept_image_tokens"] < 24
     assert edgecm_cli.main(base + ["--video", str(frames_dir), "--max-frames", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["image_tokens"] == 12
+    clip = write_test_video(tmp_path / "clip.mkv", frames_dir)
+    assert edgecm_cli.main(base + ["--video", str(clip)]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == record["token_ids"]  # lossless: same frames, same answer
     empty = tmp_path / "none"
     empty.mkdir()
     assert edgecm_cli.main(base + ["--video", str(empty)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no frames" in err
+    (tmp_path / "broken.mp4").write_bytes(b"\x00" * 300)
+    assert edgecm_cli.main(base + ["--video", str(tmp_path / "broken.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot be decoded as a video" in err
 
 
 def test_chat_attaches_a_video_to_the_next_turn(build_qwen2_5_vl, frames_dir, image_path, tmp_path):
@@ -218,6 +269,30 @@ def test_caption_videos_and_images_together(build_qwen2_5_vl, frames_dir, image_
     assert records[frames_dir.name]["image_tokens"] == 24
     assert records[image_path.name]["image_tokens"] == 9
     assert "no frames" in records["empty_clip"]["error"]
+
+
+def test_caption_takes_video_files_named_or_found_in_folders(build_qwen2_5_vl, frames_dir, image_path, tmp_path):
+    import json
+
+    import edgecm_cli
+
+    model_dir, _ = build_qwen2_5_vl(**MODELS["published-untied"])
+    clips = tmp_path / "clips"
+    (clips / "day").mkdir(parents=True)
+    write_test_video(clips / "a.mkv", frames_dir)
+    write_test_video(clips / "day" / "b.mp4", frames_dir, codec="mpeg4")
+    (clips / "broken.mov").write_bytes(b"\x00" * 100)
+    named = write_test_video(tmp_path / "named.mkv", frames_dir)
+    out = tmp_path / "captions.jsonl"
+    common = ["--model", str(model_dir), "--max-new-tokens", "3", "--out", str(out)]
+    # A video file named directly is a video without --videos; folders are searched for video files with it.
+    assert edgecm_cli.main(["caption", str(named), str(image_path), *common]) == 0
+    assert edgecm_cli.main(["caption", str(clips), *common, "--videos"]) == 0
+    records = {Path(r["path"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(records) == {"a.mkv", "b.mp4", "broken.mov", image_path.name, "named.mkv"}
+    assert records["named.mkv"]["image_tokens"] == records["a.mkv"]["image_tokens"] == 24
+    assert records["b.mp4"]["image_tokens"] == 24 and records[image_path.name]["image_tokens"] == 9
+    assert "cannot be decoded as a video" in records["broken.mov"]["error"]
 
 
 def test_text_after_a_long_video_resumes_past_its_temporal_ids():

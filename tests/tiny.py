@@ -334,3 +334,23 @@ def write_test_frames(folder: Path, count: int = 4, width: int = 64, height: int
         draw.rectangle((x, height // 3, x + 16, height // 3 + 16), fill=(250, 220, 40))
         img.save(folder / f"frame_{i:03d}.png")
     return folder
+
+
+def write_test_video(path: Path, frames_dir: Path, fps: int = 2, codec: str = "ffv1") -> Path:
+    """The frames of ``frames_dir`` encoded as one video file at ``fps`` (FFV1 in Matroska: lossless RGB,
+    so decoding gives the frames back bit for bit)."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    frames = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(frames_dir.iterdir())]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "bgr0" if codec == "ffv1" else "yuv420p"
+        for array in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
