@@ -18,6 +18,11 @@ Two stages, both seeded and logged (one JSON line per step in --log):
 
 The result is written in float16 to --out (the file edgecm ships and builds
 the demo from), the loss curve to --curve.
+
+``--resume WEIGHTS`` continues stage 2 from saved weights (stage 1 is skipped)
+and appends to --log, so a run can be stopped and taken further; the saves
+every --save-every steps are what make that safe. Seeds follow on from the
+last scene the log records, so a resumed run never repeats a scene.
 """
 
 from __future__ import annotations
@@ -162,7 +167,7 @@ def train_language_stage(model, tokenizer, args, log) -> None:
     )
     lm = model.model.language_model
     embed = lm.embed_tokens
-    rng = random.Random(args.seed)
+    rng = random.Random(args.seed + args.step_offset)
     seed = args.next_seed
     started = time.time()
     for step in range(args.steps):
@@ -190,10 +195,33 @@ def train_language_stage(model, tokenizer, args, log) -> None:
             answered += len(where)
         torch.nn.utils.clip_grad_norm_(tower_params + proj_params, 1.0)
         opt.step()
-        log({"stage": "language", "step": step, "loss": total / args.accumulate, "answer_tokens": answered,
-             "elapsed_s": round(time.time() - started, 1)})
+        log({"stage": "language", "step": args.step_offset + step, "loss": total / args.accumulate,
+             "answer_tokens": answered, "elapsed_s": round(time.time() - started, 1), "next_seed": seed})
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             save(model, args.out)
+
+
+def resume_point(log_path: Path, warmup_batch: int) -> tuple[int, int]:
+    """(first unused scene seed, next stage-2 step) from a log written by an earlier run."""
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
+    language = [r for r in rows if r["stage"] == "language"]
+    if not language:
+        raise SystemExit(f"--resume: {log_path} records no stage-2 step to continue from")
+    last = language[-1]
+    tower_steps = sum(1 for r in rows if r["stage"] == "tower")
+    # Logs written before next_seed was recorded came from runs at the default of 4 scenes a step.
+    seed = last.get("next_seed", tower_steps * warmup_batch + len(language) * 4)
+    return seed, last["step"] + 1
+
+
+def load_trained(model, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    for prefix, module in (("vision_tower.", model.model.vision_tower),
+                           ("multi_modal_projector.", model.model.multi_modal_projector)):
+        own = {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
+        module.load_state_dict(own, strict=True)
 
 
 def save(model, out: Path) -> None:
@@ -252,7 +280,11 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "edgecm" / "data" / "demo_vision.safetensors")
     ap.add_argument("--log", type=Path, default=ROOT / "bench" / "results" / "train-demo-vision.jsonl")
     ap.add_argument("--curve", type=Path, default=ROOT / "docs" / "demo-vision-loss.png")
+    ap.add_argument("--resume", type=Path, help="continue stage 2 from these saved weights, appending to --log")
     args = ap.parse_args()
+    args.step_offset = 0
+    if args.resume:
+        args.next_seed, args.step_offset = resume_point(args.log, args.warmup_batch)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -261,7 +293,7 @@ def main() -> int:
 
     hf_logging.set_verbosity_error()
     args.log.parent.mkdir(parents=True, exist_ok=True)
-    log_file = args.log.open("w")
+    log_file = args.log.open("a" if args.resume else "w")
     started = time.time()
 
     def log(row: dict) -> None:
@@ -290,7 +322,10 @@ def main() -> int:
         model.model.multi_modal_projector.linear_2.weight.mul_(0.1)
         model.model.multi_modal_projector.linear_2.bias.zero_()
 
-    warm_up_tower(model, args, log)
+    if args.resume:
+        load_trained(model, args.resume)
+    else:
+        warm_up_tower(model, args, log)
     train_language_stage(model, tokenizer, args, log)
     log_file.close()
     plot_curve(args.log, args.curve)
