@@ -151,6 +151,33 @@ class LayerActivationStats:
             self.image_positive = h[self.image_rows] > 0
 
 
+class BatchActivationStats:
+    """The FFN observer of one prefill layer over a padded batch: one LayerActivationStats per sequence
+    (its own rows only, for its own core tokens at layer K) and their sum for the batch's one decode set.
+
+    Pooling adds f(n) and the activation mass over all sequences' tokens: the same statistic as one
+    sequence's, counted over every token the batch holds.
+    """
+
+    def __init__(self, rho: float, lengths: list[int], image_rows: list[torch.Tensor] | None, frequency: bool):
+        self.lengths = lengths  # live rows of each sequence (a prefix of its padded row)
+        rows = image_rows or [None] * len(lengths)
+        self.parts = [LayerActivationStats(rho, r, frequency) for r in rows]
+
+    def __call__(self, h: torch.Tensor) -> None:
+        for b, part in enumerate(self.parts):
+            part(h[b : b + 1, : self.lengths[b]])
+
+    @property
+    def frequency(self) -> torch.Tensor | None:
+        parts = [p.frequency for p in self.parts]
+        return None if parts[0] is None else torch.stack(parts).sum(dim=0)
+
+    @property
+    def mass(self) -> torch.Tensor:
+        return torch.stack([p.mass for p in self.parts]).sum(dim=0)
+
+
 def decode_neurons(stats: LayerActivationStats, settings, layer: int, width: int) -> torch.Tensor | None:
     """The neurons layer ``layer`` decodes with, ascending; None keeps the layer dense.
 

@@ -7,18 +7,27 @@ the cache be compacted, token pruning removing entries, while the causal mask
 stays right. The index is not the rotary position: keys are stored already
 rotated, and with multimodal RoPE (Qwen2.5-VL) many image tokens share one
 rotary position, so only the sequence index can order them.
+
+A batch of sequences shares the buffers, one row each. Rows hold different
+numbers of live entries (each sequence keeps its own tokens after pruning);
+the unused slots of a shorter row carry the index ``PAD_ORDER``, which sorts
+after every real token, so the causal mask alone keeps every real query off
+them.
 """
 
 from __future__ import annotations
 
 import torch
 
+# Sequence index of an empty slot (and of a padded query): after every real token.
+PAD_ORDER = torch.iinfo(torch.int64).max
+
 
 class LayerKV:
     def __init__(self) -> None:
         self.keys: torch.Tensor | None = None  # (B, H_kv, capacity, D)
         self.values: torch.Tensor | None = None
-        self.order: torch.Tensor | None = None  # (capacity,) int64 sequence indices
+        self.order: torch.Tensor | None = None  # (B, capacity) int64 sequence indices, PAD_ORDER where empty
         self.length = 0
 
     @property
@@ -30,11 +39,11 @@ class LayerKV:
         b, h, _, d = like.shape
         keys = like.new_empty((b, h, capacity, d))
         values = like.new_empty((b, h, capacity, d))
-        order = torch.empty(capacity, dtype=torch.int64, device=like.device)
+        order = torch.full((b, capacity), PAD_ORDER, dtype=torch.int64, device=like.device)
         if self.length:
             keys[:, :, : self.length] = self.keys[:, :, : self.length]
             values[:, :, : self.length] = self.values[:, :, : self.length]
-            order[: self.length] = self.order[: self.length]
+            order[:, : self.length] = self.order[:, : self.length]
         self.keys, self.values, self.order = keys, values, order
 
 
@@ -49,7 +58,9 @@ class KVCache:
     def update(
         self, layer: int, keys: torch.Tensor, values: torch.Tensor, order: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """keys/values: (B, H_kv, T, D); order: (T,) sequence indices. Returns (keys, values, order) of all entries."""
+        """keys/values: (B, H_kv, T, D); order: (T,) or (B, T) sequence indices.
+
+        Returns (keys, values, order (B, S)) of all entries."""
         kv = self.layers[layer]
         t = keys.shape[2]
         if kv.length + t > kv.capacity:
@@ -57,33 +68,54 @@ class KVCache:
         end = kv.length + t
         kv.keys[:, :, kv.length : end] = keys
         kv.values[:, :, kv.length : end] = values
-        kv.order[kv.length : end] = order.to(kv.order.device)
+        kv.order[:, kv.length : end] = order.to(kv.order.device)
         kv.length = end
-        return kv.keys[:, :, :end], kv.values[:, :, :end], kv.order[:end]
+        return kv.keys[:, :, :end], kv.values[:, :, :end], kv.order[:, :end]
 
     def length(self, layer: int) -> int:
         return self.layers[layer].length
 
     def order(self, layer: int) -> torch.Tensor:
-        """Sequence indices of the layer's live entries, (S,)."""
+        """Sequence indices of the layer's entries, (B, S); PAD_ORDER marks an empty slot."""
         kv = self.layers[layer]
-        return kv.order[: kv.length]
+        return kv.order[:, : kv.length]
+
+    def live(self, layer: int) -> list[int]:
+        """Live entries of every row of the layer (a batch's rows differ after pruning)."""
+        kv = self.layers[layer]
+        if kv.order is None:
+            return []
+        return (kv.order[:, : kv.length] != PAD_ORDER).sum(dim=1).tolist()
 
     def prune(self, layer: int, keep: torch.Tensor) -> None:
         """Keep only entries at indices ``keep`` (sorted, into the stored order); the rest are gone, not zeroed."""
-        kv = self.layers[layer]
-        n = keep.numel()
-        keep = keep.to(kv.keys.device)
-        kv.keys[:, :, :n] = kv.keys[:, :, keep]
-        kv.values[:, :, :n] = kv.values[:, :, keep]
-        kv.order[:n] = kv.order[keep]
-        kv.length = n
+        self.prune_rows(layer, [keep] * self.layers[layer].keys.shape[0])
 
-    def nbytes(self) -> int:
-        """Bytes held by live entries (keys + values) across all layers."""
-        total = 0
+    def prune_rows(self, layer: int, keeps: list[torch.Tensor]) -> None:
+        """Row b keeps its entries at ``keeps[b]`` (sorted), moved to the front; the rest of the row is emptied."""
+        kv = self.layers[layer]
+        length = max(k.numel() for k in keeps)
+        for row, keep in enumerate(keeps):
+            n = keep.numel()
+            keep = keep.to(kv.keys.device)
+            kv.keys[row, :, :n] = kv.keys[row, :, keep]
+            kv.values[row, :, :n] = kv.values[row, :, keep]
+            kv.order[row, :n] = kv.order[row, keep]
+            kv.order[row, n:] = PAD_ORDER
+        kv.length = length
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` (sequences that finished leave the batch)."""
         for kv in self.layers:
             if kv.keys is not None:
-                per_token = kv.keys[:, :, :1].numel() * kv.keys.element_size()
-                total += 2 * per_token * kv.length
+                rows = rows.to(kv.keys.device)
+                kv.keys, kv.values, kv.order = kv.keys[rows], kv.values[rows], kv.order[rows]
+
+    def nbytes(self) -> int:
+        """Bytes held by live entries (keys + values) across all layers and rows."""
+        total = 0
+        for layer, kv in enumerate(self.layers):
+            if kv.keys is not None:
+                per_token = kv.keys[:1, :, :1].numel() * kv.keys.element_size()
+                total += 2 * per_token * sum(self.live(layer))
         return total

@@ -167,7 +167,12 @@ def attention(
     layer: int,
     observer: AttentionObserver | None = None,
 ) -> torch.Tensor:
-    """Grouped-query self-attention over the cache's entries plus ``x``. x: (B, T, d); order: (T,) sequence indices."""
+    """Grouped-query self-attention over the cache's entries plus ``x``. x: (B, T, d).
+
+    order: (T,) sequence indices of one sequence, or (B, T) of a batch, where a
+    padded query (and an empty cache slot) carries PAD_ORDER; cos/sin: (T, D),
+    or (B, 1, T, D) for a batch.
+    """
     b, t, _ = x.shape
     h, hkv, d = text.num_heads, text.num_kv_heads, text.head_dim
     q = linear(x, w.q, w.q_bias).view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
@@ -179,11 +184,14 @@ def attention(
     if observer is not None:
         observer(q, keys)
     mask, causal = None, False
-    if t > 1 and not had_entries:
+    if order.dim() == 2:
+        # A batch: rows differ in length, so each query sees the entries at or before its own index.
+        mask = (kv_order[:, None, :] <= order.to(kv_order.device)[:, :, None])[:, None]  # (B, 1, T, S)
+    elif t > 1 and not had_entries:
         # Entries are in sequence order, so plain causal masking is exact even after compaction.
         causal = True
     elif t > 1:
-        mask = kv_order[None, :] <= order.to(kv_order.device)[:, None]  # (T, S)
+        mask = kv_order[0, None, :] <= order.to(kv_order.device)[:, None]  # (T, S)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=h != hkv)
     out = out.transpose(1, 2).reshape(b, t, h * d)
     return linear(out, w.o, w.o_bias)

@@ -81,6 +81,7 @@ class PrefillOutcome:
     kept_image_tokens: int
     core_neurons: list[int]  # per layer: neurons decode uses (the full width for a dense layer)
     selection: TokenSelection | None = None
+    decode_neurons: list[torch.Tensor | None] = field(default_factory=list)  # per layer; None: dense
 
 
 TokenCallback = Callable[[int], None]
@@ -140,8 +141,11 @@ class Engine:
 
     # -- memory planning ---------------------------------------------------------------------------
 
-    def plan_for(self, prompt_tokens: int, image_tokens: int, new_tokens: int, sparsity: SparsitySettings) -> Plan:
-        """The planner's verdict for this request under this engine's budget (refuses one nothing fits in)."""
+    def plan_for(
+        self, prompt_tokens: int, image_tokens: int, new_tokens: int, sparsity: SparsitySettings, batch: int = 1
+    ) -> Plan:
+        """The planner's verdict for this request (``batch`` sequences of up to ``prompt_tokens``) under this
+        engine's budget; refuses one nothing fits in."""
         neurons = sparsity.neurons
         fraction = neurons.share if sparsity.mode == "corematching" and neurons.kind == "beta" else 1.0
         workload = Workload(
@@ -151,6 +155,7 @@ class Engine:
             neuron_fraction=fraction,
             prune_layer=sparsity.prune_layer,
             compute_bytes=self.dtype.itemsize,
+            batch=batch,
         )
         return make_plan(self.sizes, self.profile, self.budget, workload, resident=self.resident_sizes)
 
@@ -189,19 +194,21 @@ class Engine:
     def run_layers(
         self,
         hidden: torch.Tensor,
-        positions: torch.Tensor,
+        positions: torch.Tensor | None,
         order: torch.Tensor,
         cache: KVCache,
         placement: DecodePlacement | None = None,
         phase: str = "decode",
+        cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """All decoder layers over ``hidden`` (1, T, d) at rotary ``positions`` ((T,) or (3, T)) and
         sequence indices ``order`` (T,).
 
         With a ``placement``, its decode set on the device is used as is, its
         held slices are copied from host memory, and any other layer streams from disk.
+        A batch passes its rotary tables ready made (``cos_sin``) instead of positions.
         """
-        cos, sin = self.rotary.cos_sin(positions, self.dtype)
+        cos, sin = cos_sin if cos_sin is not None else self.rotary.cos_sin(positions, self.dtype)
         on_device = placement.on_device if placement else None
         on_host = placement.on_host if placement else None
         for index, weights in self.streamer.stream(range(self.text.num_layers), on_device, on_host):
@@ -210,8 +217,14 @@ class Engine:
             del weights
         return hidden
 
-    def prefill(self, hidden: torch.Tensor, prompt: Prompt, sparsity: SparsitySettings, cache: KVCache) -> PrefillOutcome:
+    def prefill(
+        self, hidden: torch.Tensor, prompt: Prompt, sparsity: SparsitySettings, cache: KVCache,
+        fixed_neurons: list[torch.Tensor | None] | None = None,
+    ) -> PrefillOutcome:
         """Run the prompt through every layer, applying CoreMatching as ``sparsity`` says.
+
+        ``fixed_neurons`` (per layer, None for dense) replaces the neurons this
+        prompt would choose: a batch's shared decode set, given to one sequence.
 
         Core neurons are counted from each layer's own FFN activations. At
         layer K the image tokens are scored and the hidden states, positions and
@@ -231,6 +244,7 @@ class Engine:
         placement = DecodePlacement(self.last_plan, self.sizes, self.resident_sizes, self.streamer, self.device,
                                     self._keep)
         core_counts: list[int] = []
+        chosen: list[torch.Tensor | None] = []
         selection = None
         kept_image = int(image_rows.numel())
         for index, weights in self.streamer.stream(range(text.num_layers)):
@@ -249,8 +263,12 @@ class Engine:
             with self.timer.layer("prefill", index):
                 hidden = decoder_layer(hidden, weights, text, cos, sin, order, cache, index,
                                        observer=stats, attention_observer=observe_attention)
-            neurons = decode_neurons(stats, sparsity, index, text.intermediate_size) if collect else None
+            if fixed_neurons is not None:
+                neurons = fixed_neurons[index]
+            else:
+                neurons = decode_neurons(stats, sparsity, index, text.intermediate_size) if collect else None
             placement.place(index, weights, neurons)
+            chosen.append(neurons)
             core_counts.append(text.intermediate_size if neurons is None else int(neurons.numel()))
             del weights
             if at_k:
@@ -273,6 +291,7 @@ class Engine:
             kept_image_tokens=kept_image,
             core_neurons=core_counts,
             selection=selection,
+            decode_neurons=chosen,
         )
 
     def _kept_rows(self, length: int, image_rows: torch.Tensor, kept_image: torch.Tensor) -> torch.Tensor:
@@ -308,6 +327,7 @@ class Engine:
         sparsity: SparsitySettings = DENSE,
         forced_tokens: list[int] | None = None,
         collect_logits: bool = False,
+        fixed_neurons: list[torch.Tensor | None] | None = None,
     ) -> GenerationResult:
         """Prefill the prompt, then decode up to ``settings.max_new_tokens`` tokens.
 
@@ -315,6 +335,7 @@ class Engine:
         instead of the model's choices; stopping rules still apply) and
         ``collect_logits`` keeps the logits of every generated position: together
         they measure a sparse setting against a dense reference answer.
+        ``fixed_neurons`` decodes with given neurons per layer (see ``prefill``).
         """
         if settings.max_new_tokens < 1:
             raise EdgecmError(f"--max-new-tokens {settings.max_new_tokens}: must be at least 1")
@@ -330,13 +351,15 @@ class Engine:
         self.streamer.keep_as = self._keep if (self.force_resident or plan.layers_resident) else None
         try:
             return self._generate(
-                prompt, settings, stop_token_ids, on_token, should_stop, sparsity, forced_tokens, collect_logits
+                prompt, settings, stop_token_ids, on_token, should_stop, sparsity, forced_tokens, collect_logits,
+                fixed_neurons,
             )
         except torch.cuda.OutOfMemoryError:
             raise EdgecmError(out_of_memory_message(self.device, self.budget, "generation")) from None
 
     def _generate(
-        self, prompt, settings, stop_token_ids, on_token, should_stop, sparsity, forced_tokens, collect_logits
+        self, prompt, settings, stop_token_ids, on_token, should_stop, sparsity, forced_tokens, collect_logits,
+        fixed_neurons=None,
     ) -> GenerationResult:
         spans = Spans(self.device)
         generator = torch.Generator().manual_seed(settings.sampling.seed)
@@ -353,7 +376,7 @@ class Engine:
             started = time.perf_counter()
             hidden = self.embed(prompt, spans)
             with spans.span("prefill"):
-                outcome = self.prefill(hidden, prompt, sparsity, cache)
+                outcome = self.prefill(hidden, prompt, sparsity, cache, fixed_neurons)
                 logits = outcome.logits
             placement = outcome.placement
             prefill_stream = self.streamer.stats
@@ -405,6 +428,7 @@ class Engine:
             selection=outcome.selection,
             logits=torch.stack(step_logits) if collect_logits else None,
             ffn_width=self.text.intermediate_size,
+            decode_neurons=outcome.decode_neurons,
         )
 
     def decode_step(

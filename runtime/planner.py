@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edgecm.config import ModelConfig
@@ -152,6 +152,8 @@ class Workload:
     neuron_fraction: float = 0.4  # the paper's beta; calibrate measures a model's own
     prune_layer: int = 2
     compute_bytes: int = 2
+    # Sequences run together: KV cache and activations are per sequence (prompts padded to the longest).
+    batch: int = 1
 
 
 @dataclass(frozen=True)
@@ -184,9 +186,12 @@ def decode_layer_bytes(s: ModelSizes, neuron_fraction: float) -> int:
 
 
 def activation_bytes(tokens: int, s: ModelSizes, w: Workload) -> int:
-    # hidden + residual + norm output (3 x d), q/k/v/out (4 x d), gate/up/h (3 x F) per token, plus
-    # last-token logits in float32; SDPA's fused kernels keep attention scores out of memory.
-    return tokens * (7 * s.hidden + 3 * s.ffn_width) * w.compute_bytes + 4 * s.vocab
+    """Activations of ``tokens`` per sequence, for the workload's batch.
+
+    hidden + residual + norm output (3 x d), q/k/v/out (4 x d), gate/up/h (3 x F) per token, plus each
+    sequence's last-token logits in float32; SDPA's fused kernels keep attention scores out of memory.
+    """
+    return w.batch * (tokens * (7 * s.hidden + 3 * s.ffn_width) * w.compute_bytes + 4 * s.vocab)
 
 
 def make_plan(
@@ -201,8 +206,8 @@ def make_plan(
     text_tokens = w.prompt_tokens - s.image_tokens
     kept = text_tokens + min(w.kept_image_tokens, s.image_tokens) if s.image_tokens else w.prompt_tokens
     early = min(w.prune_layer + 1, s.num_layers)  # layers 0..K hold every prompt token during prefill
-    prefill_kv = s.kv_per_token // s.num_layers * (early * w.prompt_tokens + (s.num_layers - early) * kept)
-    decode_kv = s.kv_per_token * (kept + w.new_tokens)
+    prefill_kv = w.batch * s.kv_per_token // s.num_layers * (early * w.prompt_tokens + (s.num_layers - early) * kept)
+    decode_kv = w.batch * s.kv_per_token * (kept + w.new_tokens)
     compact_layer = decode_layer_bytes(s, w.neuron_fraction)
     decode_set = s.num_layers * decode_layer_bytes(r, w.neuron_fraction)
     always = {"embedding + final norm + LM head": s.resident_always}
@@ -210,7 +215,8 @@ def make_plan(
     if s.vision:
         tower_activations = s.vision_activations
         if tower_activations is None:  # a CLIP-sized tower: about half a decoder layer's per-token activations
-            tower_activations = activation_bytes(s.image_tokens + 1, s, w) // 2
+            tower_activations = activation_bytes(s.image_tokens + 1, s, replace(w, batch=1)) // 2
+        # Images go through the tower one at a time, whatever the batch.
         phases["vision"] = {**always, "vision tower + projector": s.vision, "vision activations": tower_activations}
     phases["prefill"] = {**always, "2 streamed layer buffers": 2 * s.layer, "KV cache (prompt)": prefill_kv,
                          "activations": activation_bytes(w.prompt_tokens, s, w)}
@@ -221,9 +227,16 @@ def make_plan(
     )
     usable = budget - profile.reserved_bytes
     if budget < min_budget:
+        need = f"{math.ceil(min_budget / GiB * 100) / 100:.2f} GiB"
+        if w.batch > 1:
+            raise EdgecmError(
+                f"a batch of {w.batch} does not fit in {budget / GiB:.2f} GiB even with every layer streamed: it "
+                f"needs at least {need} on {profile.name} (KV cache and activations grow with the batch); "
+                f"lower --batch-size, use --batch-size auto, or raise --budget"
+            )
         raise EdgecmError(
             f"budget {budget / GiB:.2f} GiB is too small for this model even with every layer streamed: "
-            f"it needs at least {math.ceil(min_budget / GiB * 100) / 100:.2f} GiB on {profile.name}; raise --budget"
+            f"it needs at least {need} on {profile.name}; raise --budget"
         )
     # The decode set is gathered layer by layer during prefill, so it must fit beside prefill's working set too.
     reserve = max(sum(phases["prefill"].values()), sum(streamed_decode.values())) - s.resident_always
@@ -236,7 +249,7 @@ def make_plan(
     # Everything kept: all layers, plus the core slices decode uses in their place, beside the largest KV cache.
     slices = s.num_layers * int(w.neuron_fraction * r.ffn) if w.neuron_fraction < 1 else 0
     kept = {**always, "all layers (kept after first use)": s.num_layers * r.layer, "core FFN slices": slices,
-            "KV cache": s.kv_per_token * (w.prompt_tokens + w.new_tokens),
+            "KV cache": w.batch * s.kv_per_token * (w.prompt_tokens + w.new_tokens),
             "activations": activation_bytes(w.prompt_tokens, s, w)}
     if sum(kept.values()) <= usable:
         phases["prefill"] = {k: v for k, v in kept.items() if k != "core FFN slices"}
@@ -245,3 +258,36 @@ def make_plan(
                     layers_resident=True, reserve=reserve)
     return Plan(budget=budget, usable=usable, phases=phases, decode_resident=fits, min_budget=min_budget,
                 reserve=reserve)
+
+
+def largest_batch(
+    s: ModelSizes, profile: DeviceProfile, budget: int, w: Workload, resident: ModelSizes | None = None,
+    limit: int = 256,
+) -> int:
+    """The largest batch (up to ``limit``) whose plan keeps the plan a batch of one gets, or 0 if none fits.
+
+    A batch is worth its size only while it does not push the decode set off the device (or the
+    layers out of memory): one weight fetch per step serving more sequences is the point of it.
+    """
+    try:
+        single = make_plan(s, profile, budget, replace(w, batch=1), resident)
+    except EdgecmError:
+        return 0
+
+    def fits(batch: int) -> bool:
+        try:
+            plan = make_plan(s, profile, budget, replace(w, batch=batch), resident)
+        except EdgecmError:
+            return False
+        return plan.name == single.name and plan.peak_bytes <= plan.usable
+
+    if not fits(1):
+        return 1
+    low = 1
+    while low < limit and fits(min(2 * low, limit)):
+        low = min(2 * low, limit)
+    high = min(2 * low, limit + 1)  # the first size known not to fit (limit + 1: none above is tried)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low

@@ -90,6 +90,8 @@ class GenerationResult:
     selection: TokenSelection | None = None
     logits: torch.Tensor | None = None  # (n, V) per generated position, when collected
     ffn_width: int = 1
+    # Per layer: the neurons decode used (ascending), None where the layer stayed dense.
+    decode_neurons: list[torch.Tensor | None] = field(default_factory=list)
 
     @property
     def neuron_fraction(self) -> float:

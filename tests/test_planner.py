@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,7 +17,9 @@ from edgecm.model import LayerWeights
 from edgecm.prompt import PromptBuilder
 from edgecm_cli.plan import SHAPES_DIR
 from edgecm.config import load_model_config
-from runtime.planner import GiB, Workload, list_profiles, load_profile, make_plan, model_sizes, parse_bytes
+from runtime.planner import (
+    GiB, Workload, largest_batch, list_profiles, load_profile, make_plan, model_sizes, parse_bytes,
+)
 from runtime.engine import Engine, GenerationSettings
 
 GQA_UNTIED = dict(gqa=True, tied=False, layout="v5", sharded=False, chat_template=True)
@@ -70,6 +73,34 @@ def test_decode_residency_follows_the_budget():
     assert not dense.decode_resident  # the dense 7B decode set (13 GB) does not fit in 12 GiB
     with pytest.raises(EdgecmError, match=r"needs at least 2\.00 GiB"):
         make_plan(sizes, titan, 1 * GiB)
+
+
+def test_a_batch_adds_kv_cache_and_activations_per_sequence():
+    config = load_model_config(SHAPES_DIR / "llava-1.5-7b")
+    sizes = model_sizes(config, "float16")
+    titan = load_profile("titan-xp")
+    one, four = make_plan(sizes, titan, 12 * GiB), make_plan(sizes, titan, 12 * GiB, Workload(batch=4))
+    assert four.phases["decode"]["KV cache"] == 4 * one.phases["decode"]["KV cache"]
+    assert four.phases["prefill"]["activations"] == 4 * one.phases["prefill"]["activations"]
+    assert four.phases["decode"]["decode set (attention + core FFN slices)"] == \
+        one.phases["decode"]["decode set (attention + core FFN slices)"]  # weights are read once for all
+
+
+def test_largest_batch_keeps_the_plan_of_one_sequence():
+    config = load_model_config(SHAPES_DIR / "llava-1.5-7b")
+    sizes = model_sizes(config, "float16")
+    titan = load_profile("titan-xp")
+    work = Workload(prompt_tokens=620, kept_image_tokens=576, new_tokens=64)
+    for budget in (12 * GiB, 6 * GiB):
+        n = largest_batch(sizes, titan, budget, work)
+        single = make_plan(sizes, titan, budget, work)
+        assert n >= 1
+        assert make_plan(sizes, titan, budget, replace(work, batch=n)).name == single.name
+        try:  # one more either changes the plan or does not fit at all
+            assert make_plan(sizes, titan, budget, replace(work, batch=n + 1)).name != single.name
+        except EdgecmError:
+            pass
+    assert largest_batch(sizes, titan, 1 * GiB, work) == 0  # not even one sequence fits
 
 
 def test_nf4_shrinks_weights_by_about_four():

@@ -47,16 +47,34 @@ def test_kv_cache_appends_grows_and_compacts():
     cache = KVCache(num_layers=1, reserve_tokens=2)
     k = torch.arange(5.0).view(1, 1, 5, 1)
     keys, values, pos = cache.update(0, k, -k, torch.arange(5))
-    assert keys.flatten().tolist() == [0, 1, 2, 3, 4] and pos.tolist() == [0, 1, 2, 3, 4]
+    assert keys.flatten().tolist() == [0, 1, 2, 3, 4] and pos.tolist() == [[0, 1, 2, 3, 4]]
     for step in range(5, 12):  # past the reserved room: the buffers regrow and keep their contents
         keys, values, pos = cache.update(0, torch.full((1, 1, 1, 1), float(step)), torch.zeros(1, 1, 1, 1), torch.tensor([step]))
     assert keys.flatten().tolist() == list(range(12)) and cache.length(0) == 12
     cache.prune(0, torch.tensor([0, 3, 11]))
     assert cache.length(0) == 3
-    assert cache.order(0).tolist() == [0, 3, 11]  # survivors keep their sequence indices
+    assert cache.order(0).tolist() == [[0, 3, 11]]  # survivors keep their sequence indices
     assert cache.nbytes() == 2 * 3 * 4
     keys, _, pos = cache.update(0, torch.full((1, 1, 1, 1), 12.0), torch.zeros(1, 1, 1, 1), torch.tensor([12]))
-    assert keys.flatten().tolist() == [0, 3, 11, 12] and pos.tolist() == [0, 3, 11, 12]
+    assert keys.flatten().tolist() == [0, 3, 11, 12] and pos.tolist() == [[0, 3, 11, 12]]
+
+
+def test_kv_cache_rows_compact_apart_and_leave_the_batch():
+    from edgecm.kv_cache import PAD_ORDER
+
+    cache = KVCache(num_layers=1)
+    k = torch.arange(10.0).view(2, 1, 5, 1)  # row 0: 0..4, row 1: 5..9
+    cache.update(0, k, k, torch.arange(5))
+    cache.prune_rows(0, [torch.tensor([0, 2, 4]), torch.tensor([1])])
+    assert cache.length(0) == 3 and cache.live(0) == [3, 1]
+    assert cache.order(0).tolist() == [[0, 2, 4], [1, PAD_ORDER, PAD_ORDER]]
+    assert cache.nbytes() == 2 * 4 * (3 + 1)
+    keys, _, order = cache.update(0, torch.tensor([[[[20.0]]], [[[21.0]]]]), torch.zeros(2, 1, 1, 1),
+                                  torch.tensor([[5], [5]]))
+    assert keys[0, 0, :, 0].tolist() == [0, 2, 4, 20] and keys[1, 0, [0, 3], 0].tolist() == [6, 21]
+    assert order[1].tolist() == [1, PAD_ORDER, PAD_ORDER, 5]
+    cache.select_rows(torch.tensor([1]))
+    assert cache.live(0) == [2] and cache.order(0).tolist() == [[1, PAD_ORDER, PAD_ORDER, 5]]
 
 
 def test_multimodal_rope_matches_transformers():
