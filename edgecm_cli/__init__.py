@@ -57,6 +57,14 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
                 "(Qwen2.5-VL)",
             ),
         ),
+        "batch_size": (
+            ("--batch-size",),
+            dict(
+                type=batch_size_flag, default="auto", metavar="N|auto",
+                help="images captioned together; auto (default) is the largest batch that keeps the memory plan "
+                "of one image, at most 16",
+            ),
+        ),
         "videos": (
             ("--videos",),
             dict(action="store_true", help="search input folders for video files; a folder holding none is one video, its frames in name "
@@ -320,7 +328,8 @@ def _commands():
             "caption many images into a JSONL file, resumable",
             "Caption image files, folders (recursively) and text files listing paths. One JSON line per image, "
             "flushed and fsynced as written; run again with the same --out to resume.",
-            ("inputs", "out", "prompt", "shard", "videos", "fps", "max_frames", *model, *sampling, *SPARSITY_FLAGS),
+            ("inputs", "out", "prompt", "shard", "batch_size", "videos", "fps", "max_frames", *model, *sampling,
+             *SPARSITY_FLAGS),
             cmd_caption,
             {"max_new_tokens": CAPTION_NEW_TOKENS},
         ),
@@ -432,6 +441,18 @@ def load_model(args: argparse.Namespace) -> Loaded:
         calibration=calibration,
         generation=generation,
     )
+
+
+def batch_size_flag(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: use a whole number of at least 1, or auto")
+    return value
 
 
 def check_generation_flags(args: argparse.Namespace) -> None:

@@ -187,35 +187,6 @@ class JsonlWriter:
         self.handle.close()
 
 
-def caption_one(loaded, path: Path, prompt_text: str, video_options=None, folders_are_videos: bool = False) -> dict:
-    """The JSON line for one image or video: a caption, or an ``error`` for an input that cannot be read.
-
-    Video files are videos by their suffix; folders are videos of frames with ``folders_are_videos``
-    (caption --videos). ``video_options`` says how videos are sampled."""
-    from edgecm.video import VIDEO_SUFFIXES, VideoOptions, read_video
-    from edgecm.vision import load_image
-
-    base = {"path": str(path), "prompt": prompt_text, "model": loaded.model_name}
-    settings = {"sparsity": loaded.sparsity.to_json(), "max_new_tokens": loaded.generation.max_new_tokens}
-    is_video = path.suffix.lower() in VIDEO_SUFFIXES or (folders_are_videos and path.is_dir())
-    try:
-        image = None if is_video else load_image(path)
-        video = read_video(path, video_options or VideoOptions()) if is_video else None
-    except EdgecmError as exc:
-        return {**base, "error": str(exc), "settings": settings}
-    prompt = loaded.builder.build(prompt_text, image, video)
-    result = loaded.engine.generate(prompt, loaded.generation, loaded.builder.stop_token_ids, sparsity=loaded.sparsity)
-    return {
-        **base,
-        "caption": loaded.builder.decode(result.token_ids).strip(),
-        "kept_image_tokens": result.kept_image_tokens,
-        "image_tokens": result.image_tokens,
-        "prefill_s": round(result.timings.time_to_answer_s, 4),
-        "decode_tokens_per_s": round(result.timings.decode_tokens_per_s, 2),
-        "settings": settings,
-    }
-
-
 def cmd_caption(args: argparse.Namespace) -> int:
     from edgecm_cli import check_generation_flags, sparsity_from_flags
 
@@ -240,8 +211,8 @@ def _caption(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
 
     from edgecm.video import VideoOptions
     from edgecm_cli import load_model
+    from runtime.captioning import Captioner
 
-    video_options = VideoOptions(args.fps, args.max_frames)
     done = recover(out)
     todo = [p for p in paths if str(p) not in done]
     print(f"edgecm: {len(paths)} images, {len(paths) - len(todo)} already in {out}, {len(todo)} to caption", file=sys.stderr)
@@ -250,7 +221,12 @@ def _caption(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
     loaded = load_model(args)
     if not loaded.checkpoint.config.is_multimodal:
         raise EdgecmError(f"{loaded.model_name}: a text-only model cannot caption images; pass --model a LLaVA checkpoint")
-    loaded.builder.check_text(args.prompt)  # a prompt the model cannot take is refused before OUT is touched
+    # A prompt the model cannot take is refused here, before OUT is touched.
+    captioner = Captioner(
+        loaded.engine, loaded.builder, loaded.model_name, prompt=args.prompt, generation=loaded.generation,
+        sparsity=loaded.sparsity, batch_size=args.batch_size, video_options=VideoOptions(args.fps, args.max_frames),
+        folders_are_videos=args.videos,
+    )
     writer = JsonlWriter(out)
     errors = written = 0
     started = time.perf_counter()
@@ -265,8 +241,8 @@ def _caption(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
     try:
         with Progress(*columns, console=Console(stderr=True)) as progress:
             task = progress.add_task("caption", total=len(todo), rate=0.0)
-            for path in todo:
-                record = caption_one(loaded, path, args.prompt, video_options, folders_are_videos=args.videos)
+            # A batch's lines are written when the batch is done; a kill before that redoes the batch on resume.
+            for record in captioner.caption(todo):
                 errors += "error" in record
                 writer.write(record)
                 written += 1

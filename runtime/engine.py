@@ -32,7 +32,7 @@ from edgecm.sampling import SamplingSettings, next_token
 from edgecm.sparsity import DENSE, SparsitySettings
 from runtime.budget import detect_profile, enforce, out_of_memory_message, resolve_budget
 from runtime.placement import DecodePlacement
-from runtime.planner import Plan, Workload, make_plan, model_sizes
+from runtime.planner import Plan, Workload, largest_batch, make_plan, model_sizes
 from runtime.results import GenerationResult, MemoryReport, Telemetry, Timings
 from runtime.streamer import LayerStreamer
 from runtime.telemetry import LayerTimer, PeakRSS, Spans, device_memory, latency_summary, nvml_snapshot
@@ -146,9 +146,15 @@ class Engine:
     ) -> Plan:
         """The planner's verdict for this request (``batch`` sequences of up to ``prompt_tokens``) under this
         engine's budget; refuses one nothing fits in."""
+        workload = self.workload_for(prompt_tokens, image_tokens, new_tokens, sparsity, batch)
+        return make_plan(self.sizes, self.profile, self.budget, workload, resident=self.resident_sizes)
+
+    def workload_for(
+        self, prompt_tokens: int, image_tokens: int, new_tokens: int, sparsity: SparsitySettings, batch: int = 1
+    ) -> Workload:
         neurons = sparsity.neurons
         fraction = neurons.share if sparsity.mode == "corematching" and neurons.kind == "beta" else 1.0
-        workload = Workload(
+        return Workload(
             prompt_tokens=prompt_tokens,
             new_tokens=new_tokens,
             kept_image_tokens=image_tokens,  # the kept count is known only at layer K; plan for all of them
@@ -157,7 +163,14 @@ class Engine:
             compute_bytes=self.dtype.itemsize,
             batch=batch,
         )
-        return make_plan(self.sizes, self.profile, self.budget, workload, resident=self.resident_sizes)
+
+    def largest_batch(
+        self, prompt_tokens: int, image_tokens: int, new_tokens: int, sparsity: SparsitySettings, limit: int = 256
+    ) -> int:
+        """The most sequences like this that run together under this engine's budget with the plan one
+        sequence gets (0: not even one fits)."""
+        one = self.workload_for(prompt_tokens, image_tokens, new_tokens, sparsity)
+        return largest_batch(self.sizes, self.profile, self.budget, one, self.resident_sizes, limit)
 
     def _keep(self, weights: LayerWeights) -> LayerWeights:
         """Weights that stay on the device: quantised if asked, always in memory of their own."""
