@@ -1,0 +1,283 @@
+"""Captioning throughput against batch size: edgecm's batched generation beside transformers' batched generate.
+
+    python3 bench/throughput.py [--device cpu] [--threads 2] [--images 16] [--batches 1,2,4,8,16]
+
+Two models, both built on the machine:
+- the demo (SmolLM2-135M + the trained shapes tower; 196 image tokens), on
+  held-out scenes, resident;
+- a small LLaVA shape with random float16 weights (576 image tokens, as in
+  bench/runtime.py) under the smallest budget the planner accepts for the
+  largest batch, so every layer streams during prefill and the decode set
+  streams too: the regime where one weight fetch per step serving many
+  sequences matters most.
+
+Every batch size captions the same --images images with --new-tokens forced
+tokens each (EOS is ignored on both sides, so the work is equal), dense, and
+reports images/s and generated tokens/s over the whole run, vision towers and
+prefill included. transformers runs the same checkpoint resident with
+``generate`` on batches built the way its processor builds them (left
+padding, though one question to images of one size needs none), each run in
+a fresh process, interleaved batch size by batch size since the machine's
+speed drifts. Writes throughput-<device>.json and .md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPT = "Write a short caption for this image."
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"{platform.machine()} CPU ({os.cpu_count()} cores)"
+
+
+def demo_images(count: int):
+    from edgecm import scenes
+
+    return [scenes.make_scene(scenes.HELD_OUT_SEED_START + 50_000 + i).render() for i in range(count)]
+
+
+def bench_runtime():
+    """bench/runtime.py as a module (its name is taken by the runtime package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_runtime", ROOT / "bench" / "runtime.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def small_llava(scratch: Path, device: str) -> tuple[Path, dict]:
+    """bench/runtime.py's small LLaVA (written once into ``scratch``) and its config."""
+    bench = bench_runtime()
+    return bench.make_random_vlm(bench.SMALL_LLAVA, scratch / "llava-small", device), bench.SMALL_LLAVA
+
+
+def llava_prompts(config: dict, count: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One token sequence (a question around 576 image placeholders) and ``count`` random images for it:
+    a caption job asks one question of every image, so every prompt has the same length."""
+    ids, first = bench_runtime().vlm_inputs(config)
+    gen = torch.Generator().manual_seed(1)
+    pixels = [first["pixel_values"]] + [torch.randn(first["pixel_values"].shape, generator=gen)
+                                        for _ in range(count - 1)]
+    return ids, pixels
+
+
+# -- one side, one batch size ----------------------------------------------------------------------
+
+
+def edgecm_prompts(checkpoint, kind: str, count: int) -> list:
+    from edgecm.prompt import Prompt, PromptBuilder
+
+    if kind == "demo":
+        builder = PromptBuilder(checkpoint)
+        return [builder.build(PROMPT, image) for image in demo_images(count)]
+    config = bench_runtime().SMALL_LLAVA
+    ids, pixels = llava_prompts(config, count)
+    return [Prompt(input_ids=ids, pixel_values=p, text="", image_token_id=config["image_token_index"]) for p in pixels]
+
+
+def run_edgecm(model: Path, kind: str, batch: int, args, budget: str | None) -> dict:
+    from edgecm.checkpoint import open_checkpoint
+    from runtime.batch import generate_batch
+    from runtime.engine import Engine, GenerationSettings
+
+    checkpoint = open_checkpoint(model)
+    engine = Engine(checkpoint, device=args.device, budget=budget)
+    settings = GenerationSettings(max_new_tokens=args.new_tokens, stop_at_eos=False)
+    prompts = edgecm_prompts(checkpoint, kind, args.images)
+    generate_batch(engine, prompts[:batch], GenerationSettings(max_new_tokens=2, stop_at_eos=False))  # warm-up
+    started = time.perf_counter()
+    tokens = 0
+    for i in range(0, len(prompts), batch):
+        results = generate_batch(engine, prompts[i : i + batch], settings)
+        tokens += sum(len(r.token_ids) for r in results)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "tokens": tokens, "plan": engine.last_plan.name,
+            "decode_weights_read_bytes": results[0].memory.decode_weights_read_bytes}
+
+
+def transformers_inputs(model: Path, kind: str, count: int) -> list[dict]:
+    """Model inputs per image, as transformers' processor gives them (left padding; no padding occurs, since
+    one question to images of one size gives prompts of one length)."""
+    if kind == "demo":
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(str(model))
+        processor.tokenizer.padding_side = "left"
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+        text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+        return [dict(processor(images=[image], text=[text], return_tensors="pt")) for image in demo_images(count)]
+    ids, pixels = llava_prompts(bench_runtime().SMALL_LLAVA, count)
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": p} for p in pixels]
+
+
+def run_transformers(model: Path, kind: str, batch: int, args) -> dict:
+    from transformers import LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    dtype = torch.float16 if args.device == "cuda" else torch.float32
+    net = LlavaForConditionalGeneration.from_pretrained(str(model), dtype=dtype).to(args.device).eval()
+    inputs = transformers_inputs(model, kind, args.images)
+    eos = net.generation_config.eos_token_id or net.config.get_text_config().eos_token_id
+    pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+
+    def generate(chunk: list[dict], n: int) -> int:
+        batched = {key: torch.cat([c[key] for c in chunk]).to(args.device) for key in chunk[0]}
+        batched["pixel_values"] = batched["pixel_values"].to(dtype)
+        with torch.inference_mode():
+            out = net.generate(**batched, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               pad_token_id=pad)
+        return (out.shape[1] - batched["input_ids"].shape[1]) * len(chunk)
+
+    generate(inputs[:batch], 2)  # warm-up
+    started = time.perf_counter()
+    tokens = sum(generate(inputs[i : i + batch], args.new_tokens) for i in range(0, len(inputs), batch))
+    return {"seconds": time.perf_counter() - started, "tokens": tokens, "plan": "resident"}
+
+
+def worker(args) -> None:
+    spec = json.loads(args.worker)
+    torch.set_num_threads(args.threads)
+    if spec["side"] == "edgecm":
+        row = run_edgecm(Path(spec["model"]), spec["model_kind"], spec["batch"], args, spec["budget"])
+    else:
+        row = run_transformers(Path(spec["model"]), spec["model_kind"], spec["batch"], args)
+    print("RESULT " + json.dumps(row))
+
+
+def run_in_process(spec: dict, args) -> dict:
+    import subprocess
+
+    command = [sys.executable, __file__, "--device", args.device, "--threads", str(args.threads), "--images",
+               str(args.images), "--new-tokens", str(args.new_tokens), "--worker", json.dumps(spec)]
+    done = subprocess.run(command, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"  {spec['side']} batch {spec['batch']}: failed ({tail})", file=sys.stderr)
+        return {**spec, "error": tail}
+    row = {**spec, **json.loads(lines[0][len("RESULT "):])}
+    row["images_per_s"] = args.images / row["seconds"]
+    row["tokens_per_s"] = row["tokens"] / row["seconds"]
+    print(f"  {spec['side']} batch {spec['batch']}: {row['images_per_s']:.2f} images/s, "
+          f"{row['tokens_per_s']:.1f} tokens/s ({row['seconds']:.0f} s, {row['plan']})", file=sys.stderr)
+    return row
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Captioning throughput on {report['device']}", "",
+             f"`{report['command']}`; torch {report['torch']}, {report['threads']} threads; {report['images']} "
+             f"images per batch size, {report['new_tokens']} generated tokens each (EOS ignored), dense, greedy. "
+             f"images/s and tokens/s are over the whole run: vision tower, prefill and decode. transformers runs the "
+             f"same checkpoint resident with batched `generate` (left padding; one question to images of one size "
+             f"gives prompts of one length, so no row is padded), each run in a fresh process.", ""]
+    for model in report["models"]:
+        lines += [f"## {model['name']}", "", model["description"], "",
+                  "| batch | edgecm images/s | edgecm tokens/s | edgecm x batch 1 | edgecm plan | "
+                  "transformers images/s | transformers tokens/s | transformers x batch 1 | edgecm / transformers |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        rows = {(r["side"], r["batch"]): r for r in model["rows"]}
+        base = {side: rows.get((side, 1)) for side in ("edgecm", "transformers")}
+        for batch in model["batches"]:
+            ours, theirs = rows.get(("edgecm", batch)), rows.get(("transformers", batch))
+
+            def cells(row, side):
+                if row is None:
+                    return ["-", "-", "-"]
+                if "error" in row:
+                    return [f"failed: {row['error']}", "", ""]
+                gain = row["images_per_s"] / base[side]["images_per_s"] if base[side] and "error" not in base[side] else 0
+                return [f"{row['images_per_s']:.2f}", f"{row['tokens_per_s']:.1f}", f"{gain:.2f}"]
+
+            ratio = "-"
+            if ours and theirs and "error" not in ours and "error" not in theirs:
+                ratio = f"{ours['images_per_s'] / theirs['images_per_s']:.2f}"
+            plan = ours.get("plan", "") if ours else ""
+            e, t = cells(ours, "edgecm"), cells(theirs, "transformers")
+            lines.append(f"| {batch} | {e[0]} | {e[1]} | {e[2]} | {plan} | {t[0]} | {t[1]} | {t[2]} | {ratio} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--batches", default="1,2,4,8,16")
+    ap.add_argument("--only", choices=("demo", "llava-streamed"), help="run one model only")
+    ap.add_argument("--scratch", type=Path, default=Path("/tmp/edgecm-bench"))
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+
+    from edgecm.checkpoint import open_checkpoint
+    from edgecm.demo import demo_checkpoint_dir
+    from edgecm.sparsity import DENSE
+    from runtime.engine import Engine
+
+    batches = [int(b) for b in args.batches.split(",")]
+    models = []
+    todo = []
+    if args.only in (None, "demo"):
+        todo.append(("demo", demo_checkpoint_dir(), None,
+                     "SmolLM2-135M-Instruct + the trained shapes tower (196 image tokens per image), resident"))
+    if args.only in (None, "llava-streamed"):
+        model, config = small_llava(args.scratch, args.device)
+        checkpoint = open_checkpoint(model)
+        prompt = edgecm_prompts(checkpoint, "llava-streamed", 1)[0]
+        plan = Engine(checkpoint, device=args.device).plan_for(
+            prompt.num_tokens, int(prompt.image_positions.numel()), args.new_tokens, DENSE, batch=max(batches))
+        budget = str(plan.min_budget)
+        todo.append(("llava-streamed", model, budget,
+                     f"small LLaVA (1024 wide, 12 layers; 576 image tokens), random float16 weights, budget "
+                     f"{plan.min_budget / 1024**3:.2f} GiB: the smallest the planner accepts for a batch of "
+                     f"{max(batches)}, so every layer streams in prefill and the decode set streams"))
+    for kind, model, budget, description in todo:
+        print(f"{kind}:", file=sys.stderr)
+        rows = []
+        for batch in batches:
+            for side in ("edgecm", "transformers"):
+                spec = {"side": side, "batch": batch, "model": str(model), "model_kind": kind,
+                        "budget": budget if side == "edgecm" else None}
+                rows.append(run_in_process(spec, args))
+        models.append({"name": kind, "description": description, "batches": batches, "rows": rows})
+    name = device_name(args.device)
+    report = {"device": name, "torch": torch.__version__, "threads": args.threads, "images": args.images,
+              "new_tokens": args.new_tokens, "command": "python3 bench/throughput.py " + " ".join(sys.argv[1:]),
+              "models": models}
+    slug = re.sub(r"[^a-z0-9]+", "-", (name + (f" {args.only}" if args.only else "")).lower()).strip("-")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"throughput-{slug}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"throughput-{slug}.md").write_text(markdown(report) + "\n")
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
