@@ -90,6 +90,7 @@ def generate_batch(
     stop_token_ids: tuple[int, ...] = (),
     sparsity: SparsitySettings = DENSE,
     collect_logits: bool = False,
+    forced_tokens: list[list[int]] | None = None,
 ) -> list[GenerationResult]:
     """Generate for every prompt together; one GenerationResult per prompt, in order.
 
@@ -98,6 +99,8 @@ def generate_batch(
     the memory report describe the whole batch and are shared by its results:
     decode tokens/s is decode steps per second (each step gives a token to every
     live sequence), and the KV cache bytes are the batch's at their largest.
+    ``forced_tokens`` (one list per prompt) teacher-forces each continuation, as in
+    ``Engine.generate``.
     """
     if not prompts:
         return []
@@ -120,12 +123,12 @@ def generate_batch(
     engine.streamer.keep_as = engine._keep if (engine.force_resident or plan.layers_resident) else None
     try:
         with torch.inference_mode():
-            return _run(engine, prompts, per_sequence, stop_token_ids, sparsity, collect_logits)
+            return _run(engine, prompts, per_sequence, stop_token_ids, sparsity, collect_logits, forced_tokens)
     except torch.cuda.OutOfMemoryError:
         raise EdgecmError(out_of_memory_message(engine.device, engine.budget, f"a batch of {len(prompts)}")) from None
 
 
-def _run(engine, prompts, per_sequence, stop_token_ids, sparsity, collect_logits) -> list[GenerationResult]:
+def _run(engine, prompts, per_sequence, stop_token_ids, sparsity, collect_logits, forced) -> list[GenerationResult]:
     spans = Spans(engine.device)
     engine.streamer.reset_counters()
     engine.timer = LayerTimer(engine.device)
@@ -143,7 +146,8 @@ def _run(engine, prompts, per_sequence, stop_token_ids, sparsity, collect_logits
             engine.streamer.release_slots()
         first_token_s = time.perf_counter() - started
         with spans.span("decode"):
-            finished = _decode(engine, rows, logits, per_sequence, stop_token_ids, cache, placement, collect_logits)
+            finished = _decode(engine, rows, logits, per_sequence, stop_token_ids, cache, placement, collect_logits,
+                               forced)
     decode_stream = engine.streamer.stats
     steps = max(len(f["tokens"]) for f in finished) - 1
     timings = engine._timings(spans, prefill_stream, decode_stream, first_token_s, finished[0]["latencies"], steps)
@@ -247,7 +251,7 @@ def _prefill(engine, rows: list[_Row], hidden: torch.Tensor, sparsity: SparsityS
     return placement, logits, core_counts, chosen
 
 
-def _decode(engine, rows, logits, per_sequence, stop_token_ids, cache, placement, collect_logits) -> list[dict]:
+def _decode(engine, rows, logits, per_sequence, stop_token_ids, cache, placement, collect_logits, forced) -> list[dict]:
     """Decode steps for all live sequences together; a sequence that stops leaves the batch."""
     count = len(rows)
     generators = [torch.Generator().manual_seed(s.sampling.seed) for s in per_sequence]
@@ -263,7 +267,10 @@ def _decode(engine, rows, logits, per_sequence, stop_token_ids, cache, placement
         for i, b in enumerate(live):
             if collect_logits:
                 kept_logits[b].append(logits[i].cpu())
-            token = next_token(logits[i], per_sequence[b].sampling, generators[b])
+            if forced is not None and len(tokens[b]) < len(forced[b]):
+                token = forced[b][len(tokens[b])]
+            else:
+                token = next_token(logits[i], per_sequence[b].sampling, generators[b])
             tokens[b].append(token)
             reason = None
             if per_sequence[b].stop_at_eos and token in stop_token_ids:

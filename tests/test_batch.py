@@ -91,6 +91,17 @@ def test_a_shared_neuron_set_equals_single_runs_given_that_set(llava):
     assert any(not torch.equal(a, b) for a, b in zip(alone.decode_neurons, shared))
 
 
+def test_forced_tokens_act_per_sequence(llava):
+    engine, _, prompts = llava
+    forced = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
+    settings = [GenerationSettings(max_new_tokens=len(f), stop_at_eos=False) for f in forced]
+    batched = generate_batch(engine, prompts, settings, sparsity=PRUNED, collect_logits=True, forced_tokens=forced)
+    singles = [engine.generate(p, s, sparsity=PRUNED, collect_logits=True, forced_tokens=f)
+               for p, s, f in zip(prompts, settings, forced)]
+    assert [b.token_ids for b in batched] == forced
+    assert_same(singles, batched)
+
+
 def test_sampling_seeds_and_lengths_act_per_sequence(llava):
     engine, builder, prompts = llava
     settings = [GenerationSettings(max_new_tokens=n, sampling=SamplingSettings(temperature=0.9, top_p=0.95, seed=s))
