@@ -81,8 +81,12 @@ def smollm2_gguf_path() -> Path:
 
 
 def demo_checkpoint_dir() -> Path:
-    """The demo checkpoint directory, building it first if it is not there yet."""
-    target = cache_root() / DEMO_NAME
+    """The demo checkpoint directory, building it first if it is not there yet.
+
+    The folder is named after the shipped vision weights' content, so an
+    upgrade that ships new weights builds a new demo instead of reusing the old.
+    """
+    target = cache_root() / f"{DEMO_NAME}-{vision_weights_digest()}"
     if (target / "config.json").is_file():
         return target
     gguf_path = smollm2_gguf_path()
@@ -99,6 +103,15 @@ def demo_checkpoint_dir() -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def vision_weights_digest(path: Path = VISION_WEIGHTS) -> str:
+    """The first 10 hex digits of the SHA-256 of the shipped vision weights ("missing" if absent)."""
+    import hashlib
+
+    if not path.is_file():
+        return "missing"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:10]
 
 
 def load_vision_weights(path: Path = VISION_WEIGHTS) -> dict[str, torch.Tensor]:
