@@ -197,3 +197,23 @@ def test_killed_run_resumes_without_loss_or_duplicates(build_llava, tmp_path, si
     paths = [r["path"] for r in records]
     assert len(paths) == 40 and len(set(paths)) == 40
     assert out.read_text().startswith(partial[: partial.rfind("\n") + 1])  # what was written stayed
+
+
+def test_captioner_library_yields_errors_at_once_and_captions_in_batches(build_llava, corpus):
+    """The library the CLI drives: an unreadable input is a record before the batch it would join runs."""
+    from edgecm.checkpoint import open_checkpoint
+    from edgecm.prompt import PromptBuilder
+    from runtime.captioning import Captioner
+    from runtime.engine import Engine, GenerationSettings
+
+    model_dir, _ = build_llava(**TINY)
+    root, good = corpus
+    checkpoint = open_checkpoint(model_dir)
+    captioner = Captioner(Engine(checkpoint), PromptBuilder(checkpoint), "tiny",
+                          generation=GenerationSettings(max_new_tokens=4), batch_size=2)
+    inputs = [good[0], root / "notes.png", good[1], good[2]]
+    records = list(captioner.caption(inputs))
+    assert [r["path"] for r in records] == [str(p) for p in (root / "notes.png", good[0], good[1], good[2])]
+    assert "error" in records[0] and [r["batch_size"] for r in records[1:]] == [2, 2, 1]
+    with pytest.raises(EdgecmError, match="--batch-size 0"):
+        Captioner(captioner.engine, captioner.builder, "tiny", batch_size=0)
