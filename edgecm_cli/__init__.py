@@ -61,8 +61,8 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
             ("--batch-size",),
             dict(
                 type=batch_size_flag, default="auto", metavar="N|auto",
-                help="images captioned together; auto (default) is the largest batch that keeps the memory plan "
-                "of one image, at most 16",
+                help="sequences run together (caption: images); auto is the largest batch that keeps the memory "
+                "plan of one sequence (caption caps it at 16) (default: %(default)s)",
             ),
         ),
         "videos": (
@@ -357,9 +357,9 @@ def _commands():
             "prefill and decode phases under --budget on a device profile. Works from a checkpoint, a config.json "
             "alone, or a published --shape. A budget nothing fits in is refused with the smallest that would work.",
             ("model", "shape", "budget", "profile", "weights", "prompt_tokens", "new_tokens", "kept_tokens",
-             "neuron_fraction", "json"),
+             "neuron_fraction", "batch_size", "json"),
             cmd_plan,
-            {},
+            {"batch_size": 1},
         ),
         "profile": (
             "measure this machine and write a device profile",

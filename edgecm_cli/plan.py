@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from edgecm.errors import EdgecmError
@@ -38,7 +39,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from edgecm_cli import format_bytes
-    from runtime.planner import Workload, load_profile, make_plan, model_sizes, parse_bytes
+    from runtime.planner import Workload, largest_batch, load_profile, make_plan, model_sizes, parse_bytes
 
     budget = parse_bytes(args.budget)
     profile = load_profile(args.profile)
@@ -70,16 +71,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
         neuron_fraction=args.neuron_fraction,
         compute_bytes=4 if compute == "float32" else 2,
     )
-    plan = make_plan(sizes, profile, budget, workload, resident=model_sizes(config, weight_dtype, compute))
+    resident = model_sizes(config, weight_dtype, compute)
+    biggest = largest_batch(sizes, profile, budget, workload, resident)
+    batch = biggest if args.batch_size == "auto" else args.batch_size
+    plan = make_plan(sizes, profile, budget, replace(workload, batch=max(batch, 1)), resident=resident)
     if args.json:
         print(json.dumps({"model": name, "profile": profile.name, "weights": weight_dtype, "budget": budget,
                           "usable": plan.usable, "min_budget": plan.min_budget, "decode_resident": plan.decode_resident,
                           "layers_resident": plan.layers_resident,
                           "phases": plan.phases, "peak": plan.peak_bytes, "layer_bytes": sizes.layer,
-                          "kv_bytes_per_token": sizes.kv_per_token}))
+                          "kv_bytes_per_token": sizes.kv_per_token, "batch": batch, "largest_batch": biggest}))
         return 0
     console = Console()
-    table = Table(title=f"{name} on {profile.name}, budget {format_bytes(budget)} ({weight_dtype} weights)")
+    of = f", batch of {batch}" if batch > 1 else ""
+    table = Table(title=f"{name} on {profile.name}, budget {format_bytes(budget)} ({weight_dtype} weights{of})")
     table.add_column("phase")
     table.add_column("resident")
     table.add_column("bytes", justify="right")
@@ -100,4 +105,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         console.print("decode set resident: decode moves no weights across PCIe")
     else:
         console.print("[yellow]decode set does not fit: compact FFN slices stream every token[/]")
+    console.print(f"largest batch that keeps the plan of one sequence: {biggest} (KV cache and activations are per "
+                  f"sequence; the weights are read once per step for all)")
     return 0

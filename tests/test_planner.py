@@ -103,6 +103,18 @@ def test_largest_batch_keeps_the_plan_of_one_sequence():
     assert largest_batch(sizes, titan, 1 * GiB, work) == 0  # not even one sequence fits
 
 
+def test_plan_command_sizes_a_batch(capsys):
+    base = ["plan", "--shape", "llava-1.5-7b", "--profile", "titan-xp", "--budget", "12GiB", "--json"]
+    assert edgecm_cli.main(base) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert edgecm_cli.main(base + ["--batch-size", "4"]) == 0
+    four = json.loads(capsys.readouterr().out)
+    assert one["batch"] == 1 and four["batch"] == 4 and one["largest_batch"] == four["largest_batch"] > 4
+    assert four["phases"]["decode"]["KV cache"] == 4 * one["phases"]["decode"]["KV cache"]
+    assert edgecm_cli.main(base + ["--batch-size", "auto"]) == 0
+    assert json.loads(capsys.readouterr().out)["batch"] == one["largest_batch"]
+
+
 def test_nf4_shrinks_weights_by_about_four():
     config = load_model_config(SHAPES_DIR / "llava-1.5-7b")
     fp16, nf4 = model_sizes(config, "float16"), model_sizes(config, "nf4")
