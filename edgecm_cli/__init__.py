@@ -65,6 +65,20 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
                 "plan of one sequence (caption caps it at 16) (default: %(default)s)",
             ),
         ),
+        "ray": (
+            ("--ray",),
+            dict(
+                nargs="?", const="local", default=None, metavar="auto|ADDRESS",
+                help="caption on a Ray cluster with Ray Data: auto or ADDRESS joins a running cluster (ray start), "
+                "--ray alone starts a local one. Needs pip install 'edgecm[ray]'",
+            ),
+        ),
+        "workers": (
+            ("--workers",),
+            dict(type=int, default=None, metavar="N",
+                 help="with --ray on CPU: N actors sharing the cluster's CPUs (default: one per 2 CPUs); "
+                 "on GPU nodes one actor per GPU"),
+        ),
         "videos": (
             ("--videos",),
             dict(action="store_true", help="search input folders for video files; a folder holding none is one video, its frames in name "
@@ -328,8 +342,8 @@ def _commands():
             "caption many images into a JSONL file, resumable",
             "Caption image files, folders (recursively) and text files listing paths. One JSON line per image, "
             "flushed and fsynced as written; run again with the same --out to resume.",
-            ("inputs", "out", "prompt", "shard", "batch_size", "videos", "fps", "max_frames", *model, *sampling,
-             *SPARSITY_FLAGS),
+            ("inputs", "out", "prompt", "shard", "batch_size", "ray", "workers", "videos", "fps", "max_frames", *model,
+             *sampling, *SPARSITY_FLAGS),
             cmd_caption,
             {"max_new_tokens": CAPTION_NEW_TOKENS},
         ),

@@ -197,9 +197,13 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_file():
         raise EdgecmError(f"--out {out}: not a regular file; pass a path for the captions file (.jsonl)")
     paths = [p for p in expand_inputs(args.inputs, args.videos) if in_shard(p, shard)]
+    if args.ray is not None:
+        from runtime.ray_captioning import require_ray
+
+        require_ray()  # without the extra: one line naming the install command, before OUT is touched
     lock = OutputLock(out)
     try:
-        return _caption(args, out, paths)
+        return _caption_ray(args, out, paths) if args.ray is not None else _caption(args, out, paths)
     finally:
         lock.release()
 
@@ -258,3 +262,61 @@ def _caption(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
         writer.close()
     print(f"edgecm: wrote {len(todo)} lines to {out} ({errors} errors)", file=sys.stderr)
     return 0
+
+
+def _caption_ray(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
+    """Caption ``paths`` into ``out`` on a Ray cluster, holding its lock; the driver alone writes ``out``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from edgecm.sparsity import load_calibration
+    from edgecm_cli import sparsity_from_flags
+    from runtime.captioning import AUTO_BATCH_LIMIT
+    from runtime.ray_captioning import WorkerSpec, caption_on_ray, connect, placement_for
+
+    done = recover(out)
+    todo = [p for p in paths if str(p) not in done]
+    print(f"edgecm: {len(paths)} images, {len(paths) - len(todo)} already in {out}, {len(todo)} to caption", file=sys.stderr)
+    if not todo:
+        return 0
+    from edgecm.demo import demo_checkpoint_dir
+
+    # The same settings `edgecm caption` would use: the flags over the checkpoint's calibration record.
+    sparsity = sparsity_from_flags(args, load_calibration(Path(args.model) if args.model else demo_checkpoint_dir()))
+    ray = connect(None if args.ray == "local" else args.ray)
+    place = placement_for(ray, args.device, args.workers)
+    spec = WorkerSpec(
+        model=args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, seed=args.seed, sparsity=sparsity, batch_size=args.batch_size, device=args.device,
+        dtype=args.dtype, budget=args.budget, quant=args.quant, resident=args.resident, min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels, fps=args.fps, max_frames=args.max_frames, folders_are_videos=args.videos,
+        threads=int(place.num_cpus),
+    )
+    rows = AUTO_BATCH_LIMIT if args.batch_size == "auto" else args.batch_size
+    print(f"edgecm: Ray cluster at {ray.get_runtime_context().gcs_address}: {place.describe()}", file=sys.stderr)
+    writer = JsonlWriter(out)
+    written = errors = 0
+    seen: set[str] = set()
+    started = time.perf_counter()
+    columns = (TextColumn("[bold]captioning on Ray"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]:.2f} images/s, {task.fields[errors]} failed"), TextColumn("ETA"),
+               TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=Console(stderr=True)) as progress:
+            task = progress.add_task("caption", total=len(todo), rate=0.0, errors=0)
+            for record in caption_on_ray(ray, todo, spec, place, rows):
+                if record["path"] in seen:  # a batch Ray retried after losing its actor: written once already
+                    continue
+                seen.add(record["path"])
+                errors += "error" in record
+                writer.write(record)
+                written += 1
+                progress.update(task, advance=1, rate=written / (time.perf_counter() - started), errors=errors)
+    except KeyboardInterrupt:
+        print(f"edgecm: interrupted after {written} of {len(todo)} images; every finished line is saved in {out}; "
+              f"run the same command again to resume", file=sys.stderr)
+        return 130
+    finally:
+        writer.close()
+    print(f"edgecm: wrote {written} lines to {out} ({errors} errors)", file=sys.stderr)
+    return 0 if written == len(todo) else 1
