@@ -184,12 +184,14 @@ def attention(
     if observer is not None:
         observer(q, keys)
     mask, causal = None, False
-    if order.dim() == 2:
-        # A batch: rows differ in length, so each query sees the entries at or before its own index.
-        mask = (kv_order[:, None, :] <= order.to(kv_order.device)[:, :, None])[:, None]  # (B, 1, T, S)
-    elif t > 1 and not had_entries:
-        # Entries are in sequence order, so plain causal masking is exact even after compaction.
+    if t > 1 and not had_entries:
+        # Entries are in sequence order, even after compaction, and a batch pads each row on the right,
+        # after its last real token: plain causal masking is exact for every real query.
         causal = True
+    elif order.dim() == 2:
+        # A batch with entries already cached: rows hold different numbers of live entries, so each
+        # query sees the entries at or before its own sequence index (never an empty slot, PAD_ORDER).
+        mask = (kv_order[:, None, :] <= order.to(kv_order.device)[:, :, None])[:, None]  # (B, 1, T, S)
     elif t > 1:
         mask = kv_order[0, None, :] <= order.to(kv_order.device)[:, None]  # (T, S)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=h != hkv)

@@ -177,16 +177,15 @@ def _run(engine, prompts, per_sequence, stop_token_ids, sparsity, collect_logits
 
 
 def _embed(engine, prompts: list[Prompt], spans: Spans) -> tuple[list[_Row], torch.Tensor]:
-    """Each prompt's embeddings (vision features in place; towers run one prompt at a time), padded."""
-    rows, embedded = [], []
+    """Each prompt's embeddings, vision features in place, padded to the longest."""
+    rows = []
+    embedded = engine.embed_batch(prompts, spans)  # the vision tower is loaded once for the batch
     for prompt in prompts:
-        hidden = engine.embed(prompt, spans)[0]  # (T_b, d)
         positions = engine.family.positions(engine.config, prompt, engine.device)
         cos, sin = engine.rotary.cos_sin(positions, engine.dtype)
         order = torch.arange(prompt.num_tokens, device=engine.device)
         image_rows = prompt.image_positions.to(engine.device)
         rows.append(_Row(prompt, cos, sin, order, image_rows, int(image_rows.numel())))
-        embedded.append(hidden)
     return rows, _pad(embedded, max(r.length for r in rows), 0.0)
 
 

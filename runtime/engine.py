@@ -204,6 +204,39 @@ class Engine:
             hidden = hidden.masked_scatter(mask[..., None], features.to(hidden.dtype))
         return hidden
 
+    def embed_batch(self, prompts: list[Prompt], spans: Spans | None = None) -> list[torch.Tensor]:
+        """Each prompt's embeddings (T_b, d), like ``embed``; the vision tower is loaded once for the batch
+        and runs over all its images (and, apart, all its videos) together."""
+        ids = [p.input_ids.to(self.device) for p in prompts]
+        hidden = [F.embedding(i, self.embed_tokens)[0] for i in ids]
+        groups: dict[int, list[tuple[int, torch.Tensor, torch.Tensor | None]]] = {}
+        for b, prompt in enumerate(prompts):
+            for token, pixels, grids in prompt.vision_inputs():
+                groups.setdefault(token, []).append((b, pixels, grids))
+        if not groups:
+            return hidden
+        if spans is None:
+            spans = Spans(self.device)
+        with spans.span("vision"):
+            encoder = self.family.vision_encoder(self.checkpoint, self.device, self.dtype)
+            features = {}
+            for token, items in groups.items():
+                pixels = torch.cat([p for _, p, _ in items])
+                grids = None if items[0][2] is None else torch.cat([g for _, _, g in items])
+                features[token] = encoder.encode(pixels, grids)  # (all of this kind's tokens, d), prompt order
+            del encoder
+        for token, items in groups.items():
+            counts = [int((ids[b] == token).sum()) for b, _, _ in items]
+            if sum(counts) != features[token].shape[0]:
+                raise EdgecmError(
+                    f"the prompts hold {sum(counts)} vision tokens but the vision tower gives "
+                    f"{features[token].shape[0]} features; the processor and config.json disagree"
+                )
+            for (b, _, _), part in zip(items, features[token].split(counts)):
+                mask = ids[b][0] == token
+                hidden[b] = hidden[b].masked_scatter(mask[:, None], part.to(hidden[b].dtype))
+        return hidden
+
     def run_layers(
         self,
         hidden: torch.Tensor,
