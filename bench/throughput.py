@@ -6,8 +6,8 @@ Two models, both built on the machine:
 - the demo (SmolLM2-135M + the trained shapes tower; 196 image tokens), on
   held-out scenes, resident;
 - a small LLaVA shape with random float16 weights (576 image tokens, as in
-  bench/runtime.py) under the smallest budget the planner accepts for the
-  largest batch, so every layer streams during prefill and the decode set
+  bench/runtime.py), each batch size under the smallest budget the planner
+  accepts for it, so every layer streams during prefill and the decode set
   streams too: the regime where one weight fetch per step serving many
   sequences matters most.
 
@@ -245,26 +245,28 @@ def main() -> int:
     models = []
     todo = []
     if args.only in (None, "demo"):
-        todo.append(("demo", demo_checkpoint_dir(), None,
+        todo.append(("demo", demo_checkpoint_dir(), {},
                      "SmolLM2-135M-Instruct + the trained shapes tower (196 image tokens per image), resident"))
     if args.only in (None, "llava-streamed"):
         model, config = small_llava(args.scratch, args.device)
         checkpoint = open_checkpoint(model)
         prompt = edgecm_prompts(checkpoint, "llava-streamed", 1)[0]
-        plan = Engine(checkpoint, device=args.device).plan_for(
-            prompt.num_tokens, int(prompt.image_positions.numel()), args.new_tokens, DENSE, batch=max(batches))
-        budget = str(plan.min_budget)
-        todo.append(("llava-streamed", model, budget,
-                     f"small LLaVA (1024 wide, 12 layers; 576 image tokens), random float16 weights, budget "
-                     f"{plan.min_budget / 1024**3:.2f} GiB: the smallest the planner accepts for a batch of "
-                     f"{max(batches)}, so every layer streams in prefill and the decode set streams"))
+        engine = Engine(checkpoint, device=args.device)
+        # Each batch size runs under the smallest budget the planner accepts for it, so every one streams.
+        budgets = {b: str(engine.plan_for(prompt.num_tokens, int(prompt.image_positions.numel()), args.new_tokens,
+                                          DENSE, batch=b).min_budget) for b in batches}
+        todo.append(("llava-streamed", model, budgets,
+                     "small LLaVA (1024 wide, 12 layers; 576 image tokens), random float16 weights; each batch size "
+                     "under the smallest budget the planner accepts for it ("
+                     + ", ".join(f"{b}: {int(v) / 1024**3:.2f} GiB" for b, v in budgets.items())
+                     + "), so every layer streams in prefill and the decode set streams in decode"))
     for kind, model, budget, description in todo:
         print(f"{kind}:", file=sys.stderr)
         rows = []
         for batch in batches:
             for side in ("edgecm", "transformers"):
                 spec = {"side": side, "batch": batch, "model": str(model), "model_kind": kind,
-                        "budget": budget if side == "edgecm" else None}
+                        "budget": budget[batch] if budget and side == "edgecm" else None}
                 rows.append(run_in_process(spec, args))
         models.append({"name": kind, "description": description, "batches": batches, "rows": rows})
     name = device_name(args.device)
