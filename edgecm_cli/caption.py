@@ -208,6 +208,14 @@ def cmd_caption(args: argparse.Namespace) -> int:
         lock.release()
 
 
+def still_to_caption(out: Path, paths: list[Path]) -> list[Path]:
+    """The paths ``out`` does not hold yet (after recovering it), said on stderr."""
+    done = recover(out)
+    todo = [p for p in paths if str(p) not in done]
+    print(f"edgecm: {len(paths)} images, {len(paths) - len(todo)} already in {out}, {len(todo)} to caption", file=sys.stderr)
+    return todo
+
+
 def _caption(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
     """Caption ``paths`` into ``out``, holding its lock."""
     from rich.console import Console
@@ -217,9 +225,7 @@ def _caption(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
     from edgecm_cli import load_model
     from runtime.captioning import Captioner
 
-    done = recover(out)
-    todo = [p for p in paths if str(p) not in done]
-    print(f"edgecm: {len(paths)} images, {len(paths) - len(todo)} already in {out}, {len(todo)} to caption", file=sys.stderr)
+    todo = still_to_caption(out, paths)
     if not todo:
         return 0
     loaded = load_model(args)
@@ -269,18 +275,15 @@ def _caption_ray(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from edgecm.demo import demo_checkpoint_dir
     from edgecm.sparsity import load_calibration
     from edgecm_cli import sparsity_from_flags
     from runtime.captioning import AUTO_BATCH_LIMIT
     from runtime.ray_captioning import WorkerSpec, caption_on_ray, connect, placement_for
 
-    done = recover(out)
-    todo = [p for p in paths if str(p) not in done]
-    print(f"edgecm: {len(paths)} images, {len(paths) - len(todo)} already in {out}, {len(todo)} to caption", file=sys.stderr)
+    todo = still_to_caption(out, paths)
     if not todo:
         return 0
-    from edgecm.demo import demo_checkpoint_dir
-
     # The same settings `edgecm caption` would use: the flags over the checkpoint's calibration record.
     sparsity = sparsity_from_flags(args, load_calibration(Path(args.model) if args.model else demo_checkpoint_dir()))
     ray = connect(None if args.ray == "local" else args.ray)

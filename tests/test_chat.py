@@ -6,7 +6,6 @@ import os
 import sys
 
 import pexpect
-import pytest
 from conftest import default_sigint
 
 TINY = dict(gqa=True, tied=False, layout="v5", sharded=False, chat_template=True)

@@ -7,13 +7,10 @@ import shutil
 from dataclasses import replace
 
 import pytest
-import torch
 
 import edgecm_cli
 from edgecm.checkpoint import open_checkpoint
 from edgecm.errors import EdgecmError
-from edgecm.kv_cache import KVCache
-from edgecm.model import LayerWeights
 from edgecm.prompt import PromptBuilder
 from edgecm_cli.plan import SHAPES_DIR
 from edgecm.config import load_model_config
