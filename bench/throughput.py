@@ -11,6 +11,11 @@ Two models, both built on the machine:
   streams too: the regime where one weight fetch per step serving many
   sequences matters most.
 
+With ``--device cuda`` the LLaVA model is the LLaVA-1.5-7B shape under
+``--budget`` (12GiB by default, a Titan Xp's), against transformers with
+accelerate offloading what does not fit; a batch the budget cannot hold is
+refused by the planner and shows as a failed row.
+
 Every batch size captions the same --images images with --new-tokens forced
 tokens each (EOS is ignored on both sides, so the work is equal), dense, and
 reports images/s and generated tokens/s over the whole run, vision towers and
@@ -62,10 +67,18 @@ def bench_runtime():
     return module
 
 
-def small_llava(scratch: Path, device: str) -> tuple[Path, dict]:
-    """bench/runtime.py's small LLaVA (written once into ``scratch``) and its config."""
-    bench = bench_runtime()
-    return bench.make_random_vlm(bench.SMALL_LLAVA, scratch / "llava-small", device), bench.SMALL_LLAVA
+def llava_config(kind: str) -> dict:
+    """bench/runtime.py's small LLaVA on CPU; the LLaVA-1.5-7B shape (float16) for the GPU variant."""
+    if kind == "llava-7b":
+        config = json.loads((ROOT / "edgecm" / "data" / "shapes" / "llava-1.5-7b" / "config.json").read_text())
+        config["torch_dtype"] = "float16"
+        return config
+    return bench_runtime().SMALL_LLAVA
+
+
+def random_llava(kind: str, scratch: Path, device: str) -> Path:
+    """A LLaVA checkpoint of ``kind``'s shape with random float16 weights, written once into ``scratch``."""
+    return bench_runtime().make_random_vlm(llava_config(kind), scratch / kind, device)
 
 
 def llava_prompts(config: dict, count: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -87,7 +100,7 @@ def edgecm_prompts(checkpoint, kind: str, count: int) -> list:
     if kind == "demo":
         builder = PromptBuilder(checkpoint)
         return [builder.build(PROMPT, image) for image in demo_images(count)]
-    config = bench_runtime().SMALL_LLAVA
+    config = llava_config(kind)
     ids, pixels = llava_prompts(config, count)
     return [Prompt(input_ids=ids, pixel_values=p, text="", image_token_id=config["image_token_index"]) for p in pixels]
 
@@ -123,7 +136,7 @@ def transformers_inputs(model: Path, kind: str, count: int) -> list[dict]:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
         text = processor.apply_chat_template(conversation, add_generation_prompt=True)
         return [dict(processor(images=[image], text=[text], return_tensors="pt")) for image in demo_images(count)]
-    ids, pixels = llava_prompts(bench_runtime().SMALL_LLAVA, count)
+    ids, pixels = llava_prompts(llava_config(kind), count)
     return [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": p} for p in pixels]
 
 
@@ -133,13 +146,20 @@ def run_transformers(model: Path, kind: str, batch: int, args) -> dict:
 
     hf_logging.set_verbosity_error()
     dtype = torch.float16 if args.device == "cuda" else torch.float32
-    net = LlavaForConditionalGeneration.from_pretrained(str(model), dtype=dtype).to(args.device).eval()
+    if kind == "llava-7b":  # 7B in float16 does not fit 12 GiB: accelerate offloads what does not fit
+        from runtime.planner import GiB
+
+        net = LlavaForConditionalGeneration.from_pretrained(
+            str(model), dtype=dtype, device_map="auto", max_memory={0: 10 * GiB, "cpu": 200 * GiB}).eval()
+    else:
+        net = LlavaForConditionalGeneration.from_pretrained(str(model), dtype=dtype).to(args.device).eval()
+    first = next(net.parameters()).device
     inputs = transformers_inputs(model, kind, args.images)
     eos = net.generation_config.eos_token_id or net.config.get_text_config().eos_token_id
     pad = eos[0] if isinstance(eos, (list, tuple)) else eos
 
     def generate(chunk: list[dict], n: int) -> int:
-        batched = {key: torch.cat([c[key] for c in chunk]).to(args.device) for key in chunk[0]}
+        batched = {key: torch.cat([c[key] for c in chunk]).to(first) for key in chunk[0]}
         batched["pixel_values"] = batched["pixel_values"].to(dtype)
         with torch.inference_mode():
             out = net.generate(**batched, max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -149,7 +169,8 @@ def run_transformers(model: Path, kind: str, batch: int, args) -> dict:
     generate(inputs[:batch], 2)  # warm-up
     started = time.perf_counter()
     tokens = sum(generate(inputs[i : i + batch], args.new_tokens) for i in range(0, len(inputs), batch))
-    return {"seconds": time.perf_counter() - started, "tokens": tokens, "plan": "resident"}
+    plan = "accelerate offload, 10 GiB on the GPU" if kind == "llava-7b" else "resident"
+    return {"seconds": time.perf_counter() - started, "tokens": tokens, "plan": plan}
 
 
 def worker(args) -> None:
@@ -227,7 +248,8 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--batches", default="1,2,4,8,16")
-    ap.add_argument("--only", choices=("demo", "llava-streamed"), help="run one model only")
+    ap.add_argument("--only", choices=("demo", "llava-streamed", "llava-7b"), help="run one model only")
+    ap.add_argument("--budget", default="12GiB", help="the GPU variant's budget (LLaVA-1.5-7B shape)")
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/edgecm-bench"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -247,8 +269,13 @@ def main() -> int:
     if args.only in (None, "demo"):
         todo.append(("demo", demo_checkpoint_dir(), {},
                      "SmolLM2-135M-Instruct + the trained shapes tower (196 image tokens per image), resident"))
-    if args.only in (None, "llava-streamed"):
-        model, config = small_llava(args.scratch, args.device)
+    if args.device == "cuda" and args.only in (None, "llava-7b"):
+        model = random_llava("llava-7b", args.scratch, args.device)
+        todo.append(("llava-7b", model, {b: args.budget for b in batches},
+                     f"LLaVA-1.5-7B shape (576 image tokens), random float16 weights, edgecm under --budget "
+                     f"{args.budget}; transformers with accelerate offload (10 GiB on the GPU, the rest in host memory)"))
+    if args.device == "cpu" and args.only in (None, "llava-streamed"):
+        model = random_llava("llava-streamed", args.scratch, args.device)
         checkpoint = open_checkpoint(model)
         prompt = edgecm_prompts(checkpoint, "llava-streamed", 1)[0]
         engine = Engine(checkpoint, device=args.device)
