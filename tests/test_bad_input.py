@@ -76,8 +76,9 @@ def test_a_second_caption_process_on_the_same_out_is_refused_and_nothing_doubles
     for i in range(3, 8):
         write_test_image(images / f"q{i}.png", 30 + 7 * i)
     out = tmp_path / "c.jsonl"
+    # One image at a time and long answers: the first run must still hold OUT when the second one starts.
     args = [sys.executable, "-m", "edgecm_cli", "caption", str(images), "--model", str(model_dir), "--out", str(out),
-            "--max-new-tokens", "24"]
+            "--max-new-tokens", "300", "--batch-size", "1"]
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock = out.with_name(out.name + ".lock")
     deadline = time.time() + 120
