@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import sys
 import time
@@ -43,12 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PROMPT = "Write a short caption for this image."
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    return f"{platform.machine()} CPU ({os.cpu_count()} cores)"
 
 
 def demo_images(count: int):
@@ -296,7 +289,7 @@ def main() -> int:
                         "budget": budget[batch] if budget and side == "edgecm" else None}
                 rows.append(run_in_process(spec, args))
         models.append({"name": kind, "description": description, "batches": batches, "rows": rows})
-    name = device_name(args.device)
+    name = bench_runtime().device_name(args.device)  # the same device naming as runtime-*.json
     report = {"device": name, "torch": torch.__version__, "threads": args.threads, "images": args.images,
               "new_tokens": args.new_tokens, "command": "python3 bench/throughput.py " + " ".join(sys.argv[1:]),
               "models": models}
