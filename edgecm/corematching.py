@@ -197,12 +197,16 @@ class TokenSelection:
     keep: torch.Tensor  # indices into the image tokens, ascending
     core_scores: torch.Tensor  # (N,) |G(i) intersect Core(K)| for every image token
     knee_threshold: int | None  # tau of the knee on core_scores (None for an empty image span)
+    recycled: int = 0  # aggregate tokens among the kept (SparseVLM's recycling)
+    stage_tokens: tuple[int, ...] = ()  # visual tokens left after each stage (SparseVLM prunes in stages)
+    stage_dropped: tuple[torch.Tensor, ...] = ()  # image tokens each stage removed
+    stage_layers: tuple[int, ...] = ()  # the layer each stage read (the next layer is the first without them)
 
 
 def select_image_tokens(
     settings, stats: LayerActivationStats, fastv: torch.Tensor | None = None
 ) -> TokenSelection:
-    """Apply the token rule and ranking of ``settings`` (SparsitySettings) to the image tokens at layer K."""
+    """Apply the token rule and ranking of ``settings`` (SparsitySettings) to the image tokens, read at layer K-1."""
     core = core_neurons(stats.frequency, settings.beta)
     scores = match_scores(stats.image_positive, core) if stats.image_positive.numel() else torch.zeros(0, dtype=torch.long)
     n = scores.numel()

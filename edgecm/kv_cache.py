@@ -104,6 +104,19 @@ class KVCache:
             kv.order[row, n:] = PAD_ORDER
         kv.length = length
 
+    def keep_orders(self, layer: int, orders: list[torch.Tensor]) -> None:
+        """Row b keeps the entries whose sequence index is in ``orders[b]``; the rest are gone.
+
+        Pruning by sequence index, not by slot, because after a stage that
+        recycles tokens the layers run so far hold different sets of entries.
+        """
+        kv = self.layers[layer]
+        if kv.keys is None:
+            return
+        stored = kv.order[:, : kv.length]
+        self.prune_rows(layer, [torch.isin(stored[b], orders[b].to(stored.device)).nonzero().flatten()
+                                for b in range(stored.shape[0])])
+
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows ``rows`` (sequences that finished leave the batch)."""
         for kv in self.layers:

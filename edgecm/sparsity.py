@@ -1,14 +1,28 @@
 """What a CoreMatching run prunes: one frozen settings record, parsed from the user's spellings.
 
     --mode dense|corematching
-    --tokens knee | all | count:N | ratio:R        how many image tokens survive layer K
-    --token-rank core | fastv | random             which ones (core matching, FastV, seeded random)
+    --tokens knee | all | count:N | ratio:R        how many image tokens reach layer K and after
+    --token-rank core | fastv | random | sparsevlm which ones (core matching, FastV, seeded random, SparseVLM)
     --neurons beta:B | mass:S | dense              decode FFN neurons per layer
     --rho R --beta B --prune-layer K --dense-above F --dense-layers 0,1,29 --keep-early-kv
+    --no-recycle --rank-scale S                  SparseVLM's recycling and rank rule
+
+K means what it means in FastV: layers 0..K-1 see every token, the
+ranking reads layer K-1 (its FFN activations for ``core``, its attention for
+``fastv``), and layer K is the first that runs without the dropped tokens.
 
 With ``--token-rank fastv`` or ``random`` and ``--tokens knee`` the baseline
 keeps exactly as many tokens as the CoreMatching knee would, so the three
 rankings are compared at the same budget.
+
+``sparsevlm`` is a ranking too (text raters' attention instead of core
+neurons), because it shares everything else: the budgets, the KV-cache
+rule, the sparse decode. It prunes in stages at its own layers (see
+edgecm.sparsevlm), so ``--prune-layer`` does not apply to it; ``count:N`` and
+``ratio:R`` are the visual tokens left after its last stage, recycled tokens
+included, and ``knee`` (the adaptive rule) is SparseVLM's own adaptive
+count, the rank rule, at every stage. ``--no-recycle`` drops pruned tokens
+instead of merging some of them into aggregate tokens.
 """
 
 from __future__ import annotations
@@ -19,7 +33,7 @@ from pathlib import Path
 
 from edgecm.errors import EdgecmError
 
-TOKEN_RANKS = ("core", "fastv", "random")
+TOKEN_RANKS = ("core", "fastv", "random", "sparsevlm")
 MODES = ("dense", "corematching")
 CALIBRATION_FILE = "edgecm-calibration.json"
 
@@ -86,6 +100,10 @@ class SparsitySettings:
     dense_above: float = 0.9
     dense_layers: tuple[int, ...] = ()
     keep_early_kv: bool = False
+    recycle: bool = True  # sparsevlm: merge the most relevant pruned tokens into aggregate tokens
+    # sparsevlm's rank rule: visual tokens kept per unit of rank(P) on 576 image tokens (the released code's
+    # --scale: 13.5 by default, 9 for POPE, 0.8 for TextVQA), scaled to the image's own token count.
+    rank_scale: float = 13.5
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -97,8 +115,11 @@ class SparsitySettings:
             raise EdgecmError(f"--rho {self.rho}: must be in (0, 1]")
         if not 0 < self.beta <= 1:
             raise EdgecmError(f"--beta {self.beta}: must be in (0, 1]")
-        if self.prune_layer < 0:
-            raise EdgecmError(f"--prune-layer {self.prune_layer}: must be >= 0")
+        if self.prune_layer < 1:
+            # Layer K-1 is read to rank the tokens, so at least one layer sees them all.
+            raise EdgecmError(f"--prune-layer {self.prune_layer}: must be >= 1 (layers 0..K-1 see every token)")
+        if not self.rank_scale > 0:
+            raise EdgecmError(f"--rank-scale {self.rank_scale}: must be a positive number")
         if not 0 < self.dense_above <= 1:
             raise EdgecmError(f"--dense-above {self.dense_above}: must be in (0, 1]")
 

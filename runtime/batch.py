@@ -37,33 +37,30 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from edgecm.corematching import BatchActivationStats, decode_neurons, fastv_scores, select_image_tokens
+from edgecm.corematching import BatchActivationStats, decode_neurons
 from edgecm.errors import EdgecmError
 from edgecm.kv_cache import PAD_ORDER, KVCache
 from edgecm.model import decoder_layer
 from edgecm.prompt import Prompt
 from edgecm.sampling import next_token
 from edgecm.sparsity import DENSE, SparsitySettings
+from edgecm.token_pruning import Rows, TokenPruner
 from runtime.budget import out_of_memory_message
 from runtime.placement import DecodePlacement
 from runtime.results import GenerationResult, Telemetry
 from runtime.telemetry import LayerTimer, PeakRSS, Spans, nvml_snapshot
 
 @dataclass
-class _Row:
+class _Sequence:
     """One sequence's state beside the padded tensors."""
 
     prompt: Prompt
-    cos: torch.Tensor  # (T_b, D) rotary tables of its live rows
-    sin: torch.Tensor
-    order: torch.Tensor  # (T_b,) sequence indices of its live rows
-    image_rows: torch.Tensor  # rows holding image or video tokens (before pruning)
-    kept_image: int
-    selection: object = None
+    rows: Rows  # its live rows (hidden states are kept in the padded batch tensor between prunings)
+    pruner: TokenPruner
 
     @property
     def length(self) -> int:
-        return int(self.order.numel())
+        return self.rows.length
 
 
 def _pad(parts: list[torch.Tensor], length: int, fill) -> torch.Tensor:
@@ -74,12 +71,12 @@ def _pad(parts: list[torch.Tensor], length: int, fill) -> torch.Tensor:
     return out
 
 
-def _padded_rows(rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _padded_rows(seqs: list[_Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The batch's order (B, T) and rotary tables (B, 1, T, D); padding is PAD_ORDER and zero rotation."""
-    length = max(r.length for r in rows)
-    order = _pad([r.order for r in rows], length, PAD_ORDER)
-    cos = _pad([r.cos for r in rows], length, 0.0)[:, None]
-    sin = _pad([r.sin for r in rows], length, 0.0)[:, None]
+    length = max(q.length for q in seqs)
+    order = _pad([q.rows.order for q in seqs], length, PAD_ORDER)
+    cos = _pad([q.rows.cos for q in seqs], length, 0.0)[:, None]
+    sin = _pad([q.rows.sin for q in seqs], length, 0.0)[:, None]
     return order, cos, sin
 
 
@@ -137,7 +134,7 @@ def _run(engine, prompts, per_sequence, stop_token_ids, sparsity, collect_logits
     cache = KVCache(engine.text.num_layers, reserve_tokens=max(s.max_new_tokens for s in per_sequence))
     with PeakRSS() as rss:
         started = time.perf_counter()
-        rows, hidden = _embed(engine, prompts, spans)
+        rows, hidden = _embed(engine, prompts, spans, sparsity)
         with spans.span("prefill"):
             placement, logits, core_counts, chosen = _prefill(engine, rows, hidden, sparsity, cache)
         prefill_stream = engine.streamer.stats
@@ -155,19 +152,19 @@ def _run(engine, prompts, per_sequence, stop_token_ids, sparsity, collect_logits
                      kv_cache_bytes=max(f["kv_bytes"] for f in finished))
     telemetry = Telemetry(nvml_snapshot(engine.device), prefill_stream, decode_stream)
     results = []
-    for row, done in zip(rows, finished):
+    for seq, done in zip(rows, finished):
         result = GenerationResult(
             token_ids=done["tokens"],
-            prompt_tokens=row.prompt.num_tokens,
-            image_tokens=int(row.image_rows.numel()),
+            prompt_tokens=seq.prompt.num_tokens,
+            image_tokens=seq.pruner.image_tokens,
             stop_reason=done["stop_reason"],
             timings=timings,
             memory=memory,
             telemetry=telemetry,
-            kept_image_tokens=row.kept_image,
+            kept_image_tokens=seq.pruner.kept_tokens,
             kv_cache_tokens=done["kv_tokens"],
             core_neurons=core_counts,
-            selection=row.selection,
+            selection=seq.pruner.selection,
             logits=torch.stack(done["logits"]) if collect_logits else None,
             ffn_width=engine.text.intermediate_size,
             decode_neurons=chosen,
@@ -176,48 +173,44 @@ def _run(engine, prompts, per_sequence, stop_token_ids, sparsity, collect_logits
     return results
 
 
-def _embed(engine, prompts: list[Prompt], spans: Spans) -> tuple[list[_Row], torch.Tensor]:
+def _embed(engine, prompts: list[Prompt], spans: Spans, sparsity: SparsitySettings) -> tuple[list[_Sequence], torch.Tensor]:
     """Each prompt's embeddings, vision features in place, padded to the longest."""
-    rows = []
-    embedded = engine.embed_batch(prompts, spans)  # the vision tower is loaded once for the batch
-    for prompt in prompts:
-        positions = engine.family.positions(engine.config, prompt, engine.device)
-        cos, sin = engine.rotary.cos_sin(positions, engine.dtype)
-        order = torch.arange(prompt.num_tokens, device=engine.device)
-        image_rows = prompt.image_positions.to(engine.device)
-        rows.append(_Row(prompt, cos, sin, order, image_rows, int(image_rows.numel())))
-    return rows, _pad(embedded, max(r.length for r in rows), 0.0)
-
-
-def _prefill(engine, rows: list[_Row], hidden: torch.Tensor, sparsity: SparsitySettings, cache: KVCache):
-    """Every layer once over the padded batch; CoreMatching per sequence at layer K, one shared decode set."""
     text = engine.text
-    prunes = sparsity.prunes_tokens and any(r.image_rows.numel() for r in rows)
-    prune_at = sparsity.prune_layer if prunes else None
-    if prune_at is not None and prune_at >= text.num_layers:
-        raise EdgecmError(f"--prune-layer {prune_at}: the model has layers 0..{text.num_layers - 1}")
+    seqs = []
+    embedded = engine.embed_batch(prompts, spans)  # the vision tower is loaded once for the batch
+    for prompt, hidden in zip(prompts, embedded):
+        rows = engine.prompt_rows(hidden, prompt)
+        pruner = TokenPruner.start(sparsity, text.num_layers, text.num_heads // text.num_kv_heads, rows)
+        seqs.append(_Sequence(prompt, rows, pruner))
+    return seqs, _pad(embedded, max(q.length for q in seqs), 0.0)
+
+
+def _prefill(engine, seqs: list[_Sequence], hidden: torch.Tensor, sparsity: SparsitySettings, cache: KVCache):
+    """Every layer once over the padded batch; token pruning per sequence, one shared decode set."""
+    text = engine.text
     collect = sparsity.mode == "corematching"
     placement = DecodePlacement(engine.last_plan, engine.sizes, engine.resident_sizes, engine.streamer,
                                 engine.device, engine._keep)
-    order, cos, sin = _padded_rows(rows)
+    order, cos, sin = _padded_rows(seqs)
     core_counts: list[int] = []
     chosen: list[torch.Tensor | None] = []
     for index, weights in engine.streamer.stream(range(text.num_layers)):
-        at_k = index == prune_at
+        core_rows = [q.pruner.core_rows(index, q.rows) for q in seqs]
+        wants_core = any(r is not None for r in core_rows)
         stats = None
         if collect:
             stats = BatchActivationStats(
-                sparsity.rho, [r.length for r in rows], [r.image_rows for r in rows] if at_k else None,
-                frequency=at_k or sparsity.neurons.kind == "beta",
+                sparsity.rho, [q.length for q in seqs], core_rows if wants_core else None,
+                frequency=wants_core or sparsity.neurons.kind == "beta",
             )
-        fastv: list[torch.Tensor] = []
+        probes = [q.pruner.attention_probe(index, q.rows) for q in seqs]
         observe = None
-        if at_k and sparsity.token_rank == "fastv":
-            groups = text.num_heads // text.num_kv_heads
-            # FastV per sequence: attention from its own last prompt token over its own keys.
-            observe = lambda q, keys: fastv.extend(
-                fastv_scores(q[b, :, r.length - 1], keys[b, :, : r.length], groups) for b, r in enumerate(rows)
-            )
+        if any(p is not None for p in probes):
+            # Each sequence reads its own queries over its own keys.
+            def observe(q, keys, probes=probes):
+                for b, (seq, probe) in enumerate(zip(seqs, probes)):
+                    if probe is not None:
+                        probe(q[b, :, : seq.length], keys[b, :, : seq.length])
         with engine.timer.layer("prefill", index):
             hidden = decoder_layer(hidden, weights, text, cos, sin, order, cache, index,
                                    observer=stats, attention_observer=observe)
@@ -226,27 +219,25 @@ def _prefill(engine, rows: list[_Row], hidden: torch.Tensor, sparsity: SparsityS
         chosen.append(neurons)
         core_counts.append(text.intermediate_size if neurons is None else int(neurons.numel()))
         del weights
-        if at_k:
-            keeps = []
-            for b, row in enumerate(rows):
-                if not row.image_rows.numel():
-                    keeps.append(torch.arange(row.length, device=engine.device))
-                    continue
-                row.selection = select_image_tokens(
-                    sparsity, stats.parts[b], fastv[b][row.image_rows] if fastv else None
-                )
-                row.kept_image = int(row.selection.keep.numel())
-                keeps.append(engine._kept_rows(row.length, row.image_rows, row.selection.keep.to(engine.device)))
-            # Survivors keep their rotary tables and sequence indices; rows re-pad to the new longest.
-            hidden = _pad([hidden[b, keep] for b, keep in enumerate(keeps)], max(k.numel() for k in keeps), 0.0)
-            for row, keep in zip(rows, keeps):
-                row.cos, row.sin, row.order = row.cos[keep], row.sin[keep], row.order[keep]
-            order, cos, sin = _padded_rows(rows)
-            if not sparsity.keep_early_kv:
-                for layer in range(index + 1):
-                    cache.prune_rows(layer, keeps)
-    last = torch.tensor([r.length - 1 for r in rows], device=engine.device)
-    logits = engine.head(hidden[torch.arange(len(rows), device=engine.device), last])  # (B, V)
+        if not any(index in q.pruner.layers for q in seqs):
+            continue
+        survivors = []
+        for b, seq in enumerate(seqs):
+            seq.rows.hidden = hidden[b, : seq.length]
+            pruned = seq.pruner.after_layer(index, seq.rows, stats.parts[b] if stats is not None else None)
+            if pruned is not None:
+                seq.rows, kept = pruned
+            else:
+                kept = seq.rows.order
+            survivors.append(kept)
+        # Survivors keep their rotary tables and sequence indices; rows re-pad to the new longest.
+        hidden = _pad([q.rows.hidden for q in seqs], max(q.length for q in seqs), 0.0)
+        order, cos, sin = _padded_rows(seqs)
+        if not sparsity.keep_early_kv:
+            for layer in range(index + 1):
+                cache.keep_orders(layer, survivors)
+    last = torch.tensor([q.length - 1 for q in seqs], device=engine.device)
+    logits = engine.head(hidden[torch.arange(len(seqs), device=engine.device), last])  # (B, V)
     return placement, logits, core_counts, chosen
 
 

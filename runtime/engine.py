@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from edgecm.checkpoint import Checkpoint
-from edgecm.corematching import LayerActivationStats, TokenSelection, decode_neurons, fastv_scores, select_image_tokens
+from edgecm.corematching import LayerActivationStats, TokenSelection, decode_neurons
 from edgecm.errors import EdgecmError
 from edgecm.kv_cache import KVCache
 from edgecm.model import LayerWeights, decoder_layer, rms_norm
@@ -30,6 +30,8 @@ from edgecm.quant import check_supported, linear
 from edgecm.rope import Rotary
 from edgecm.sampling import SamplingSettings, next_token
 from edgecm.sparsity import DENSE, SparsitySettings
+from edgecm.sparsevlm import stage_layers
+from edgecm.token_pruning import TEXT, Rows, TokenPruner
 from runtime.budget import detect_profile, enforce, out_of_memory_message, resolve_budget
 from runtime.placement import DecodePlacement
 from runtime.planner import Plan, Workload, largest_batch, make_plan, model_sizes
@@ -159,10 +161,16 @@ class Engine:
             new_tokens=new_tokens,
             kept_image_tokens=image_tokens,  # the kept count is known only at layer K; plan for all of them
             neuron_fraction=fraction,
-            prune_layer=sparsity.prune_layer,
+            prune_layer=self._full_layers(sparsity),
             compute_bytes=self.dtype.itemsize,
             batch=batch,
         )
+
+    def _full_layers(self, sparsity: SparsitySettings) -> int:
+        """Layers that see every prompt token: K, or up to SparseVLM's last stage (the planner's safe side)."""
+        if sparsity.token_rank == "sparsevlm":
+            return stage_layers(self.text.num_layers)[-1] + 1
+        return sparsity.prune_layer
 
     def largest_batch(
         self, prompt_tokens: int, image_tokens: int, new_tokens: int, sparsity: SparsitySettings, limit: int = 256
@@ -267,48 +275,39 @@ class Engine:
         self, hidden: torch.Tensor, prompt: Prompt, sparsity: SparsitySettings, cache: KVCache,
         fixed_neurons: list[torch.Tensor | None] | None = None,
     ) -> PrefillOutcome:
-        """Run the prompt through every layer, applying CoreMatching as ``sparsity`` says.
+        """Run the prompt through every layer, applying CoreMatching (or a baseline) as ``sparsity`` says.
 
         ``fixed_neurons`` (per layer, None for dense) replaces the neurons this
         prompt would choose: a batch's shared decode set, given to one sequence.
 
-        Core neurons are counted from each layer's own FFN activations. At
-        layer K the image tokens are scored and the hidden states, positions and
-        (by default) the KV cache of layers 0..K are compacted to text + kept
-        tokens; layers after K never see the dropped tokens. The last prompt
-        position is text in every supported template and is always kept.
+        Core neurons are counted from each layer's own FFN activations. The
+        image tokens are ranked at layer K-1 (SparseVLM: at each of its stage
+        layers); the hidden states, positions and (by default) the KV cache of
+        the layers run so far are compacted to text + kept tokens, and the
+        layers after never see the dropped ones. The last prompt position is
+        text in every supported template and is always kept.
         """
         text = self.text
-        positions = self.family.positions(self.config, prompt, self.device)  # rotary ids, (T,) or (3, T)
-        order = torch.arange(prompt.num_tokens, device=self.device)  # sequence indices: what the mask follows
-        image_rows = prompt.image_positions.to(self.device)
-        cos, sin = self.rotary.cos_sin(positions, self.dtype)
-        prune_at = sparsity.prune_layer if sparsity.prunes_tokens and image_rows.numel() else None
-        if prune_at is not None and prune_at >= text.num_layers:
-            raise EdgecmError(f"--prune-layer {prune_at}: the model has layers 0..{text.num_layers - 1}")
+        rows = self.prompt_rows(hidden[0], prompt)
+        pruner = TokenPruner.start(sparsity, text.num_layers, text.num_heads // text.num_kv_heads, rows)
         collect = sparsity.mode == "corematching"
         placement = DecodePlacement(self.last_plan, self.sizes, self.resident_sizes, self.streamer, self.device,
                                     self._keep)
         core_counts: list[int] = []
         chosen: list[torch.Tensor | None] = []
-        selection = None
-        kept_image = int(image_rows.numel())
         for index, weights in self.streamer.stream(range(text.num_layers)):
-            at_k = index == prune_at
+            core_rows = pruner.core_rows(index, rows)
             stats = None
             if collect:
                 stats = LayerActivationStats(
-                    sparsity.rho, image_rows if at_k else None, frequency=at_k or sparsity.neurons.kind == "beta"
+                    sparsity.rho, core_rows, frequency=core_rows is not None or sparsity.neurons.kind == "beta"
                 )
-            attention_scores: list[torch.Tensor] = []
-            observe_attention = None
-            if at_k and sparsity.token_rank == "fastv":
-                groups = text.num_heads // text.num_kv_heads
-                # FastV: attention from the last prompt token, read off this layer's own queries and keys.
-                observe_attention = lambda q, keys: attention_scores.append(fastv_scores(q[0, :, -1], keys[0], groups))
+            probe = pruner.attention_probe(index, rows)
+            observe_attention = None if probe is None else (lambda q, keys: probe(q[0], keys[0]))
             with self.timer.layer("prefill", index):
-                hidden = decoder_layer(hidden, weights, text, cos, sin, order, cache, index,
-                                       observer=stats, attention_observer=observe_attention)
+                out = decoder_layer(rows.hidden[None], weights, text, rows.cos, rows.sin, rows.order, cache, index,
+                                    observer=stats, attention_observer=observe_attention)
+            rows.hidden = out[0]
             if fixed_neurons is not None:
                 neurons = fixed_neurons[index]
             else:
@@ -317,35 +316,34 @@ class Engine:
             chosen.append(neurons)
             core_counts.append(text.intermediate_size if neurons is None else int(neurons.numel()))
             del weights
-            if at_k:
-                fastv = attention_scores[0][image_rows] if attention_scores else None
-                selection = select_image_tokens(sparsity, stats, fastv)
-                keep = self._kept_rows(prompt.num_tokens, image_rows, selection.keep.to(self.device))
-                kept_image = int(selection.keep.numel())
-                # Survivors keep their rotary ids (every axis) and their sequence indices.
-                hidden, positions, order = hidden[:, keep], positions[..., keep], order[keep]
-                cos, sin = cos[keep], sin[keep]
+            pruned = pruner.after_layer(index, rows, stats)
+            if pruned is not None:
+                rows, survivors = pruned
                 if not sparsity.keep_early_kv:
                     for layer in range(index + 1):
-                        cache.prune(layer, keep)
+                        cache.keep_orders(layer, [survivors])
         return PrefillOutcome(
-            logits=self.head(hidden[:, -1])[0],
+            logits=self.head(rows.hidden[-1:])[0],
             placement=placement,
-            kept_positions=positions,
-            kept_order=order,
-            image_tokens=int(image_rows.numel()),
-            kept_image_tokens=kept_image,
+            kept_positions=rows.positions,
+            kept_order=rows.order,
+            image_tokens=pruner.image_tokens,
+            kept_image_tokens=pruner.kept_tokens,
             core_neurons=core_counts,
-            selection=selection,
+            selection=pruner.selection,
             decode_neurons=chosen,
         )
 
-    def _kept_rows(self, length: int, image_rows: torch.Tensor, kept_image: torch.Tensor) -> torch.Tensor:
-        """Sequence rows surviving layer K: every text row and the kept image rows, in order."""
-        keep = torch.ones(length, dtype=torch.bool, device=self.device)
-        keep[image_rows] = False
-        keep[image_rows[kept_image]] = True
-        return keep.nonzero().flatten()
+    def prompt_rows(self, hidden: torch.Tensor, prompt: Prompt) -> Rows:
+        """A prompt's rows entering layer 0: embeddings ``hidden`` (T, d), the family's rotary ids and
+        tables, sequence indices, and which rows hold which image (or video) token."""
+        positions = self.family.positions(self.config, prompt, self.device)  # rotary ids, (T,) or (3, T)
+        cos, sin = self.rotary.cos_sin(positions, self.dtype)
+        source = torch.full((prompt.num_tokens,), TEXT, dtype=torch.long, device=self.device)
+        image_rows = prompt.image_positions.to(self.device)
+        source[image_rows] = torch.arange(image_rows.numel(), device=self.device)
+        order = torch.arange(prompt.num_tokens, device=self.device)  # sequence indices: what the mask follows
+        return Rows(hidden, positions, order, cos, sin, source)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: (..., d) -> (..., V) logits in float32."""

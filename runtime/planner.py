@@ -205,7 +205,7 @@ def make_plan(
     r = resident or s
     text_tokens = w.prompt_tokens - s.image_tokens
     kept = text_tokens + min(w.kept_image_tokens, s.image_tokens) if s.image_tokens else w.prompt_tokens
-    early = min(w.prune_layer + 1, s.num_layers)  # layers 0..K hold every prompt token during prefill
+    early = min(w.prune_layer, s.num_layers)  # layers 0..K-1 hold every prompt token during prefill
     prefill_kv = w.batch * s.kv_per_token // s.num_layers * (early * w.prompt_tokens + (s.num_layers - early) * kept)
     decode_kv = w.batch * s.kv_per_token * (kept + w.new_tokens)
     compact_layer = decode_layer_bytes(s, w.neuron_fraction)
