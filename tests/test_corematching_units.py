@@ -73,6 +73,17 @@ def test_knee_by_hand():
     assert knee_keep(torch.tensor([2, 10, 0, 9, 1, 8, 1])).tolist() == [0, 1, 3, 5]  # scores >= tau = 2
 
 
+def test_knee_keeps_scores_at_the_threshold_not_only_above():
+    """The released code keeps scores strictly above tau; the specification keeps score >= tau. They differ
+    whenever the knee point has ties, and at a plateau of tied top scores ">" would keep nothing at all."""
+    scores = torch.tensor([5, 0, 5, 1, 5, 0])  # sorted [5, 5, 5, 1, 0, 0]: j* = 2, tau = 5
+    assert knee_keep(scores).tolist() == [0, 2, 4]
+    assert (scores > 5).sum() == 0  # what keeping strictly above would leave
+    scores = torch.tensor([9, 7, 4, 4, 1, 0])  # chord (0, 9)-(5, 0): |5 (y - 9) + 9 j| is largest at j = 2, tau = 4
+    assert knee_index(torch.sort(scores, descending=True).values) == 2
+    assert knee_keep(scores).tolist() == [0, 1, 2, 3]  # both 4s; strictly above would keep [0, 1]
+
+
 def test_knee_edge_cases():
     assert knee_keep(torch.tensor([4, 4, 4, 4])).tolist() == [0, 1, 2, 3]  # all equal: keep every token
     assert knee_keep(torch.tensor([7])).tolist() == [0]  # a single image token is kept
@@ -123,16 +134,32 @@ def test_token_selection_modes():
     stats = _stats(h, image_rows)
     knee = select_image_tokens(SparsitySettings(beta=1.0), stats)
     assert knee.core_scores.tolist() == [3, 2, 1, 0, 4, 3]
-    assert knee.keep.tolist() == knee_keep(knee.core_scores).tolist()
+    # sorted [4, 3, 3, 2, 1, 0], chord (0, 4)-(5, 0): the farthest point is j* = 2, tau = 3
+    assert knee.keep.tolist() == [0, 4, 5]
+    assert knee.knee_threshold == 3
     assert select_image_tokens(SparsitySettings(beta=1.0, tokens=TokenRule("count", 2)), stats).keep.tolist() == [0, 4]
     assert select_image_tokens(SparsitySettings(beta=1.0, tokens=TokenRule("ratio", 0.5)), stats).keep.tolist() == [0, 4, 5]
     assert select_image_tokens(SparsitySettings(tokens=TokenRule("all")), stats).keep.tolist() == list(range(6))
     fastv = torch.tensor([0.1, 0.5, 0.05, 0.3, 0.0, 0.05])
     chosen = select_image_tokens(SparsitySettings(beta=1.0, token_rank="fastv"), stats, fastv)
     assert chosen.keep.tolist() == sorted(torch.topk(fastv, knee.keep.numel()).indices.tolist())
-    r1 = select_image_tokens(SparsitySettings(token_rank="random", tokens=TokenRule("count", 3), seed=1), stats)
-    r2 = select_image_tokens(SparsitySettings(token_rank="random", tokens=TokenRule("count", 3), seed=1), stats)
-    assert r1.keep.tolist() == r2.keep.tolist() and r1.keep.numel() == 3
+
+
+def test_random_baseline_is_seeded_and_uniform():
+    h = torch.tensor([[1.0, 1, 1, 1], [2, 2, 2, -1], [1, 1, -1, -1], [3, -1, -1, -1], [-1, -1, -1, -1], [2, 2, 2, 2],
+                      [1, 1, 1, -1], [1, 2, 3, 4]])
+    stats = _stats(h, torch.arange(1, 7))
+
+    def pick(seed):
+        rule = SparsitySettings(token_rank="random", tokens=TokenRule("count", 3), seed=seed)
+        return select_image_tokens(rule, stats).keep.tolist()
+
+    assert pick(1) == pick(1) and len(pick(1)) == 3
+    picks = [pick(seed) for seed in range(600)]
+    assert len({tuple(p) for p in picks}) > 15  # 20 subsets of 3 of 6 exist; seeds reach nearly all
+    # Each token is in half the subsets (binomial, 600 draws: sd 12); the core scores play no part.
+    counts = [sum(i in p for p in picks) for i in range(6)]
+    assert all(240 <= c <= 360 for c in counts), counts
 
 
 def test_sliced_ffn_equals_dense_ffn_with_other_neurons_zeroed():
