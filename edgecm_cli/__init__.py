@@ -167,16 +167,17 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
             dict(
                 default=str(sparse.tokens),
                 metavar="RULE",
-                help="image tokens kept after --prune-layer: knee, all, count:N or ratio:R (default: %(default)s)",
+                help="image tokens kept from --prune-layer on (sparsevlm: after its last stage): knee, all, count:N or "
+                "ratio:R (default: %(default)s)",
             ),
         ),
         "token_rank": (
             ("--token-rank",),
             dict(
-                choices=("core", "fastv", "random"),
+                choices=("core", "fastv", "random", "sparsevlm"),
                 default=sparse.token_rank,
-                help="which image tokens: core matching, or the FastV / seeded random baselines at the same "
-                "budget (default: %(default)s)",
+                help="which image tokens: core matching, or the FastV / seeded random / SparseVLM baselines at the "
+                "same budget (default: %(default)s)",
             ),
         ),
         "neurons": (
@@ -191,11 +192,12 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
         "rho": (("--rho",), dict(type=float, default=sparse.rho, help="token-wise core fraction (default: %(default)s)")),
         "beta": (
             ("--beta",),
-            dict(type=float, default=sparse.beta, help="sentence-wise core fraction at layer K, for token matching (default: %(default)s)"),
+            dict(type=float, default=sparse.beta, help="sentence-wise core fraction in layer K-1, for token matching (default: %(default)s)"),
         ),
         "prune_layer": (
             ("--prune-layer",),
-            dict(type=int, default=sparse.prune_layer, metavar="K", help="layer after which tokens are dropped (default: %(default)s)"),
+            dict(type=int, default=sparse.prune_layer, metavar="K", help="the first layer without the dropped tokens, as in FastV: layers 0..K-1 see every token and "
+                 "layer K-1 ranks them (default: %(default)s)"),
         ),
         "dense_above": (
             ("--dense-above",),
@@ -255,7 +257,7 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
             ),
         ),
         "new_tokens": (("--new-tokens",), dict(type=int, default=128, metavar="N", help="tokens to generate (default: %(default)s)")),
-        "kept_tokens": (("--kept-tokens",), dict(type=int, default=64, metavar="N", help="image tokens kept after layer K (default: %(default)s)")),
+        "kept_tokens": (("--kept-tokens",), dict(type=int, default=64, metavar="N", help="image tokens kept from layer K on (default: %(default)s)")),
         "neuron_fraction": (
             ("--neuron-fraction",),
             dict(type=float, default=0.4, metavar="F", help="share of FFN neurons in the decode set (default: %(default)s)"),
@@ -265,7 +267,18 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
         "quick": (("--quick",), dict(action="store_true", help="small sizes: seconds instead of a minute, noisier figures")),
         "keep_early_kv": (
             ("--keep-early-kv",),
-            dict(action="store_true", help="keep dropped tokens' KV entries in layers 0..K (default: core tokens only)"),
+            dict(action="store_true", help="keep dropped tokens' KV entries in layers 0..K-1 (default: core tokens only)"),
+        ),
+        "no_recycle": (
+            ("--no-recycle",),
+            dict(action="store_true", help="sparsevlm: drop pruned tokens instead of merging the most relevant into "
+                 "aggregate tokens"),
+        ),
+        "rank_scale": (
+            ("--rank-scale",),
+            dict(type=float, default=sparse.rank_scale, metavar="S",
+                 help="sparsevlm: tokens kept per unit of rank of the raters' attention, per 576 image tokens "
+                 "(default: %(default)s)"),
         ),
     }
 
@@ -273,7 +286,8 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
 CALIBRATE_NEW_TOKENS = 32  # answers to score, not to read: shorter keeps calibration quick
 CAPTION_NEW_TOKENS = 64
 SHOW_NEW_TOKENS = 32
-SPARSITY_FLAGS = ("mode", "tokens", "token_rank", "neurons", "rho", "beta", "prune_layer", "dense_above", "dense_layers", "keep_early_kv")
+SPARSITY_FLAGS = ("mode", "tokens", "token_rank", "neurons", "rho", "beta", "prune_layer", "dense_above", "dense_layers",
+                  "keep_early_kv", "no_recycle", "rank_scale")
 
 
 def sparsity_from_flags(args: argparse.Namespace, calibration: dict | None = None):
@@ -295,6 +309,8 @@ def sparsity_from_flags(args: argparse.Namespace, calibration: dict | None = Non
         token_rank=args.token_rank,
         dense_layers=parse_layer_list(args.dense_layers),
         keep_early_kv=args.keep_early_kv,
+        recycle=not args.no_recycle,
+        rank_scale=args.rank_scale,
         seed=args.seed,
     )
     if calibration is not None:

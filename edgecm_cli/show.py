@@ -108,6 +108,17 @@ def charts(scores: torch.Tensor, kept: int, core_neurons: list[int], width: int,
     return Image.open(buffer).convert("RGB")
 
 
+def where_pruned(result, settings, kept: int) -> str:
+    """The header's account of what was kept, and where."""
+    selection = result.selection
+    if settings.token_rank == "sparsevlm":
+        stages = ", ".join(f"{n} after layer {layer}" for n, layer in zip(selection.stage_tokens, selection.stage_layers))
+        return (f"kept {kept} of {result.image_tokens} image tokens (+{selection.recycled} aggregates) in SparseVLM's "
+                f"stages: {stages} ({settings.tokens})")
+    return (f"kept {kept} of {result.image_tokens} image tokens from layer K={settings.prune_layer} on "
+            f"({settings.tokens}, rank {settings.token_rank})")
+
+
 def render(path: Path, views: list, grid: tuple[int, int], result, settings, question: str, answer: str, width: int) -> int:
     """Write the picture; returns how many patches were drawn as kept.
 
@@ -138,8 +149,7 @@ def render(path: Path, views: list, grid: tuple[int, int], result, settings, que
     draw.text((10, 22), f"A: {short}", fill="black")
     draw.text(
         (10, 38),
-        f"kept {len(kept)} of {result.image_tokens} image tokens at layer K={settings.prune_layer} "
-        f"({settings.tokens}, rank {settings.token_rank}); KV {max(result.kv_cache_tokens)} tokens",
+        where_pruned(result, settings, len(kept)) + f"; KV {max(result.kv_cache_tokens)} tokens",
         fill="#555555",
     )
     path.parent.mkdir(parents=True, exist_ok=True)
