@@ -85,8 +85,9 @@ QWEN_PHOTO_GRID = (1, 52, 92)
 
 # name -> (engine, options). "edgecm" variants take Engine flags and sparsity; "hf" variants transformers' loading.
 VLM_VARIANTS = {
-    "cuda": ["edgecm dense", "edgecm corematching", "edgecm corematching nf4", "transformers offload", "transformers nf4"],
-    "cpu": ["edgecm dense streamed", "edgecm dense", "edgecm corematching", "transformers"],
+    "cuda": ["edgecm dense", "edgecm corematching", "edgecm sparsevlm", "edgecm corematching nf4", "transformers offload",
+             "transformers nf4"],
+    "cpu": ["edgecm dense streamed", "edgecm dense", "edgecm corematching", "edgecm sparsevlm", "transformers"],
 }
 # --only name -> (shape file on CUDA, CPU stand-in, label on CUDA, label on CPU)
 VLMS = {
@@ -187,6 +188,10 @@ def run_edgecm(variant: str, model: str, ids, image: dict | None, args) -> dict:
         sparsity = SparsitySettings() if "default" in variant else SparsitySettings(
             tokens=TokenRule("count", args.kept_tokens), neurons=NeuronBudget("beta", 0.4)
         )
+    elif variant.startswith("edgecm sparsevlm"):
+        # The same budget and sparse decode, the tokens chosen by SparseVLM's stages (text raters' attention).
+        sparsity = SparsitySettings(tokens=TokenRule("count", args.kept_tokens), neurons=NeuronBudget("beta", 0.4),
+                                    token_rank="sparsevlm")
     image = image or {"pixel_values": None, "image_grid_thw": None, "image_token_id": None}
     prompt = Prompt(input_ids=ids, text="", **image)
     budget = args.budget
@@ -392,6 +397,13 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def stage_layers(config: dict) -> tuple[int, ...]:
+    from edgecm.sparsevlm import stage_layers as layers
+
+    text = config.get("text_config", config)
+    return layers(text["num_hidden_layers"])
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(0)
@@ -443,7 +455,9 @@ def main() -> None:
         models.append({"name": f"{shape}, random float16 weights", "baseline": baseline, "rows": rows,
                        "prompt_tokens": ids.shape[1], "image_tokens": image_tokens,
                        "description": f"{ids.shape[1]}-token prompt with {image_tokens} image tokens; CoreMatching "
-                       f"keeps {args.kept_tokens} image tokens after layer 2 and 40 % of FFN neurons (beta 0.4)."})
+                       f"keeps {args.kept_tokens} image tokens from layer 2 on (layers 0 and 1 see all) and 40 % of FFN "
+                       f"neurons (beta 0.4); SparseVLM prunes to the same {args.kept_tokens} in its stages (scored "
+                       f"at layers {', '.join(map(str, stage_layers(config)))}) with the same neurons."})
     if args.only in (None, "smollm2"):
         gguf = smollm2_gguf_path()
         ids = smollm2_inputs(open_checkpoint(gguf))

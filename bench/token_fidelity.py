@@ -9,10 +9,12 @@ answered greedily under each variant:
 
 - dense: no pruning at all;
 - core at the knee (the CoreMatching default token rule), with its mean kept count;
-- core, fastv and random at each of ``--counts`` kept image tokens;
-- core at the knee and at the middle count again with ``--keep-early-kv``
-  (layers 0..K keep the dropped tokens' KV entries instead of the
-  core-token-only cache).
+- core, fastv, random and sparsevlm at each of ``--counts`` kept image tokens
+  (for sparsevlm: the visual tokens left after its last stage, aggregates
+  included), and sparsevlm with its own adaptive count (the rank rule);
+- core at the knee, and core and sparsevlm at the middle count, again with
+  ``--keep-early-kv`` (layers 0..K-1 keep the dropped tokens' KV entries
+  instead of the core-token-only cache).
 
 Token variants decode with every FFN neuron (``--neurons dense``) so that the
 table measures token pruning alone; one more row, "corematching default",
@@ -50,12 +52,14 @@ def variants(counts: list[int]) -> list[tuple[str, SparsitySettings]]:
     tokens_only = SparsitySettings(neurons=NeuronBudget("dense"))
     out = [("dense", DENSE), ("core knee", tokens_only)]
     for n in counts:
-        for rank in ("core", "fastv", "random"):
+        for rank in ("core", "fastv", "random", "sparsevlm"):
             out.append((f"{rank} {n}", replace(tokens_only, tokens=TokenRule("count", n), token_rank=rank)))
+    out.append(("sparsevlm adaptive (rank rule)", replace(tokens_only, token_rank="sparsevlm")))
     middle = counts[len(counts) // 2]
     out.append(("core knee, early KV kept", replace(tokens_only, keep_early_kv=True)))
-    out.append((f"core {middle}, early KV kept",
-                replace(tokens_only, tokens=TokenRule("count", middle), token_rank="core", keep_early_kv=True)))
+    for rank in ("core", "sparsevlm"):
+        out.append((f"{rank} {middle}, early KV kept",
+                    replace(tokens_only, tokens=TokenRule("count", middle), token_rank=rank, keep_early_kv=True)))
     out.append(("corematching default", SparsitySettings()))
     return out
 
@@ -162,7 +166,8 @@ def markdown(summary: list[dict], record: dict) -> str:
     lines = [
         f"Token-pruning fidelity on {record['scenes']} held-out scenes ({record['questions']} questions), "
         f"model {record['model']}, {image_tokens} image tokens per image; {record['machine']}. "
-        f"Exact-answer accuracy in %; kept = mean image tokens kept after layer K.",
+        f"Exact-answer accuracy in %; kept = mean image tokens kept from layer K on (K = 2: layers 0 and 1 see "
+        f"every token; sparsevlm: after its last stage, aggregates included); prefill s includes the vision tower.",
         "",
         "| variant | " + " | ".join(KINDS) + " | overall | kept | prefill s |",
         "|---" * (len(KINDS) + 4) + "|",
