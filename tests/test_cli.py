@@ -55,6 +55,19 @@ def test_run_json_reports_generation(build_llava, image_path, capsys):
     assert "prefill" in err and "tok/s" in err and f"kept {expected.kept_image_tokens}/16" in err
 
 
+def test_run_sparsevlm_at_a_budget(build_llava, image_path, capsys):
+    model_dir, _ = build_llava(**SHARDED)
+    code, out, err = run_cli(
+        capsys, "run", "--model", str(model_dir), "--image", str(image_path), "-q", "What is shown?",
+        "--max-new-tokens", "6", "--token-rank", "sparsevlm", "--tokens", "count:4", "--json",
+    )
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["kept_image_tokens"] == 4 and record["sparsity"]["token_rank"] == "sparsevlm"
+    assert record["kv_cache_tokens"][-1] == record["prompt_tokens"] - 16 + 4 + len(record["token_ids"]) - 1
+    assert "kept 4/16" in err
+
+
 def test_run_dense_mode_matches_dense_engine(build_llava, image_path, capsys):
     model_dir, _ = build_llava(**SHARDED)
     code, out, _ = run_cli(
@@ -92,7 +105,9 @@ def test_calibrate_writes_a_file_that_run_uses(build_llava, tmp_path, capsys):
 
 def test_bad_sparsity_flags_fail_before_loading(capsys, tmp_path):
     for flags, needle in ((["--tokens", "kne"], "--tokens"), (["--neurons", "mass:3"], "--neurons"),
-                          (["--dense-layers", "a,b"], "--dense-layers"), (["--rho", "0"], "--rho")):
+                          (["--dense-layers", "a,b"], "--dense-layers"), (["--rho", "0"], "--rho"),
+                          (["--prune-layer", "0"], "--prune-layer 0: must be >= 1"),
+                          (["--rank-scale", "0"], "--rank-scale")):
         code, _, err = run_cli(capsys, "run", "--model", str(tmp_path / "absent"), "-q", "hi", *flags)
         assert_one_line_error(code, err, needle)
 
