@@ -62,16 +62,8 @@ def draw_patches(view, grid: tuple[int, int], kept: set[int]):
     return canvas, frames
 
 
-def charts(scores: torch.Tensor, kept: int, core_neurons: list[int], width: int, height_px: int, settings) -> "Image.Image":
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    dpi = 100
-    height = max(height_px, MIN_CHART_HEIGHT)  # small towers give small panels; the charts stay readable
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, height / dpi), dpi=dpi)
+def score_chart(top, scores: torch.Tensor, kept: int) -> None:
+    """Match scores sorted, the chord and the knee (the paper's Figure 3)."""
     ordered = torch.sort(scores, descending=True).values.tolist()
     top.plot(range(len(ordered)), ordered, color="#1f4e79", linewidth=1.6)
     if ordered:
@@ -89,10 +81,43 @@ def charts(scores: torch.Tensor, kept: int, core_neurons: list[int], width: int,
             color="#c0392b",
         )
     top.axvspan(-0.5, kept - 0.5, color="#f5b7f5", alpha=0.4, label=f"kept: {kept} of {len(ordered)}")
-    top.set_title("image tokens by match score |G(i) ∩ Core(K)|", fontsize=10)
+    top.set_title("image tokens by match score |G(i) ∩ Core(K-1)|", fontsize=10)
     top.set_xlabel("image tokens, sorted")
     top.set_ylabel("core neurons activated")
     top.legend(loc="upper right", fontsize=8)
+
+
+def stage_chart(top, selection, image_tokens: int, num_layers: int) -> None:
+    """SparseVLM's stages: the visual tokens each layer runs on."""
+    present, counts = image_tokens, []
+    stages = dict(zip(selection.stage_layers, selection.stage_tokens))
+    for layer in range(num_layers):
+        counts.append(present)
+        present = stages.get(layer, present)  # a stage's layer runs on every token; its output is pruned
+    top.step(range(num_layers), counts, where="mid", color="#1f4e79", linewidth=1.6)
+    for layer in selection.stage_layers:
+        top.axvline(layer + 0.5, color="#c0392b", linestyle="--", linewidth=1)
+    top.set_ylim(0, image_tokens * 1.05)
+    top.set_title(f"visual tokens per layer (SparseVLM stages; {selection.recycled} aggregates at the end)", fontsize=10)
+    top.set_xlabel("layer")
+    top.set_ylabel("visual tokens")
+
+
+def charts(scores: torch.Tensor, kept: int, core_neurons: list[int], width: int, height_px: int, settings,
+           selection=None, image_tokens: int = 0) -> "Image.Image":
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    dpi = 100
+    height = max(height_px, MIN_CHART_HEIGHT)  # small towers give small panels; the charts stay readable
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, height / dpi), dpi=dpi)
+    if selection is not None and selection.stage_layers and settings.token_rank == "sparsevlm":
+        stage_chart(top, selection, image_tokens, len(core_neurons))
+    else:
+        score_chart(top, scores, kept)
     layers = list(range(len(core_neurons)))
     colors = ["#7f8c8d" if n == width else "#27ae60" for n in core_neurons]
     bottom.bar(layers, [n / width for n in core_neurons], color=colors)
@@ -138,7 +163,8 @@ def render(path: Path, views: list, grid: tuple[int, int], result, settings, que
     patches = Image.new("RGB", (panels[0].width, sum(p.height for p in panels)), "white")
     for v, panel in enumerate(panels):
         patches.paste(panel, (0, v * panels[0].height))
-    chart = charts(result.selection.core_scores, len(kept), result.core_neurons, width, patches.height, settings)
+    chart = charts(result.selection.core_scores, len(kept), result.core_neurons, width, patches.height, settings,
+                   result.selection, result.image_tokens)
     header = 58
     canvas = Image.new("RGB", (patches.width + chart.width, max(patches.height, chart.height) + header), "white")
     canvas.paste(patches, (0, header))

@@ -28,19 +28,22 @@ def framed_patches(png, grid: int, cell: int) -> set[int]:
     return found
 
 
-@pytest.mark.parametrize("tokens", ["knee", "count:5"])
-def test_show_highlights_exactly_the_kept_tokens(build_llava, image_path, tmp_path, capsys, tokens):
+@pytest.mark.parametrize("tokens, rank", [("knee", "core"), ("count:5", "core"), ("count:5", "sparsevlm")])
+def test_show_highlights_exactly_the_kept_tokens(build_llava, image_path, tmp_path, capsys, tokens, rank):
     model_dir, _ = build_llava(**TINY)
     out = tmp_path / "show.png"
     code = edgecm_cli.main(["show", "--model", str(model_dir), "--image", str(image_path), "-q", "What is shown?",
-                            "--out", str(out), "--tokens", tokens, "--max-new-tokens", "4"])
+                            "--out", str(out), "--tokens", tokens, "--token-rank", rank, "--max-new-tokens", "4"])
     assert code == 0 and out.is_file()
     checkpoint = open_checkpoint(model_dir)
     prompt = PromptBuilder(checkpoint).build("What is shown?", load_image(image_path))
-    result = Engine(checkpoint).generate(prompt, GenerationSettings(max_new_tokens=4), sparsity=SparsitySettings(tokens=TokenRule.parse(tokens)))
+    settings = SparsitySettings(tokens=TokenRule.parse(tokens), token_rank=rank)
+    result = Engine(checkpoint).generate(prompt, GenerationSettings(max_new_tokens=4), sparsity=settings)
     grid = 32 // 8
+    # Patches drawn are the original tokens kept; SparseVLM's aggregates have no patch of their own.
     assert framed_patches(out, grid, 8 * PATCH_SCALE) == set(result.selection.keep.tolist())
-    assert f"kept {result.kept_image_tokens} of 16" in capsys.readouterr().out
+    drawn = result.kept_image_tokens - result.selection.recycled
+    assert f"kept {drawn} of 16" in capsys.readouterr().out
 
 
 def test_show_refuses_what_it_cannot_draw(build_llava, image_path, tmp_path, capsys):
