@@ -77,6 +77,20 @@ def test_kv_cache_rows_compact_apart_and_leave_the_batch():
     assert cache.live(0) == [2] and cache.order(0).tolist() == [[1, PAD_ORDER, PAD_ORDER, 5]]
 
 
+def test_kv_cache_keeps_entries_by_sequence_index():
+    """Each row keeps the entries whose sequence index survives, wherever they sit in the buffer."""
+    from edgecm.kv_cache import PAD_ORDER
+
+    cache = KVCache(num_layers=1)
+    k = torch.arange(10.0).view(2, 1, 5, 1)
+    cache.update(0, k, k, torch.tensor([[0, 1, 2, 3, 4], [0, 1, 2, 7, 9]]))
+    cache.keep_orders(0, [torch.tensor([4, 1, 8]), torch.tensor([9, 0])])  # 8 is in no entry: ignored
+    assert cache.order(0).tolist() == [[1, 4], [0, 9]]
+    assert cache.layers[0].keys[:, 0, :2, 0].tolist() == [[1.0, 4.0], [5.0, 9.0]]
+    cache.keep_orders(0, [torch.tensor([4]), torch.tensor([], dtype=torch.long)])
+    assert cache.order(0).tolist() == [[4], [PAD_ORDER]] and cache.live(0) == [1, 0]
+
+
 def test_multimodal_rope_matches_transformers():
     """cos/sin for 3-D position ids equal Qwen2.5-VL's rotary embedding (and 1-D ids act as three equal rows)."""
     from transformers import Qwen2_5_VLTextConfig
