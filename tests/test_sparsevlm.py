@@ -127,11 +127,8 @@ def test_kept_tokens_equal_the_budget(setup, published, recycle):
         assert result.selection.recycled == 0 and set(result.kv_cache_tokens) == {final}
 
 
-def test_stage_one_keeps_the_raters_most_attended_tokens(setup):
-    """The first stage recomputed from the weights: raters from the embeddings, attention of layer 0."""
-    engine, prompt = setup
-    budget = 5
-    result = run(engine, prompt, sparse(tokens=TokenRule("count", budget), recycle=False))
+def first_stage_relation(engine, prompt) -> torch.Tensor:
+    """P of the first stage recomputed from the weights: raters from the embeddings, attention of layer 0."""
     text = engine.text
     image = prompt.image_positions
     with torch.inference_mode():
@@ -150,10 +147,27 @@ def test_stage_one_keeps_the_raters_most_attended_tokens(setup):
         logits = q[0][:, raters] @ keys.transpose(1, 2) / text.head_dim ** 0.5  # (H, R, T)
         causal = torch.arange(prompt.num_tokens)[None, :] <= raters[:, None]
         attention = logits.masked_fill(~causal, float("-inf")).softmax(-1).mean(0)  # (R, T)
-        scores = attention[:, image].mean(0)
+    return attention[:, image]
+
+
+def test_stage_one_keeps_the_raters_most_attended_tokens(setup):
+    engine, prompt = setup
+    budget = 5
+    result = run(engine, prompt, sparse(tokens=TokenRule("count", budget), recycle=False))
+    scores = first_stage_relation(engine, prompt).mean(0)
     first = set(torch.sort(scores, descending=True, stable=True).indices[:budget].tolist())
     assert result.selection.stage_layers[0] == 0
-    assert set(range(image.numel())) - set(result.selection.stage_dropped[0].tolist()) == first
+    assert set(range(prompt.image_positions.numel())) - set(result.selection.stage_dropped[0].tolist()) == first
+
+
+def test_adaptive_count_is_the_rank_rule(setup):
+    engine, prompt = setup
+    scale = 300.0
+    result = run(engine, prompt, sparse(tokens=TokenRule("knee"), recycle=False, rank_scale=scale))
+    rank = int(torch.linalg.matrix_rank(first_stage_relation(engine, prompt)))
+    n_image = prompt.image_positions.numel()
+    assert 1 < rank < n_image
+    assert result.selection.stage_tokens[0] == max(1, min(int(rank * scale * n_image / 576), n_image - 1))
 
 
 @pytest.mark.parametrize("keep_early_kv", [False, True])
