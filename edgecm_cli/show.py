@@ -170,6 +170,7 @@ def render(path: Path, views: list, grid: tuple[int, int], result, settings, que
     canvas.paste(patches, (0, header))
     canvas.paste(chart, (patches.width, header))
     draw = ImageDraw.Draw(canvas)
+    answer = " ".join(answer.split())  # one header line, whatever the model wrote
     short = answer if len(answer) <= 140 else answer[:137] + "..."
     draw.text((10, 6), f"Q: {question}", fill="black")
     draw.text((10, 22), f"A: {short}", fill="black")
