@@ -110,15 +110,29 @@ def top_count(scores: torch.Tensor, count: int) -> torch.Tensor:
     return torch.sort(_stable_desc_order(scores)[:count]).values
 
 
+def head_mean_attention(
+    queries: torch.Tensor, keys: torch.Tensor, num_kv_groups: int, visible: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Attention probabilities of some queries over the keys, averaged over heads: what the attention-based
+    rankings read off a layer's own q and k (fused attention does not return them).
+
+    queries: (H, R, D) rotary-embedded; keys: (H_kv, S, D); visible: (R, S) bool, the causal rule, or
+    None where every query sees every key. Returns (R, S).
+    """
+    keys = keys.repeat_interleave(num_kv_groups, dim=0)  # (H, S, D)
+    logits = torch.einsum("hrd,hsd->hrs", queries.float(), keys.float()) / math.sqrt(queries.shape[-1])
+    if visible is not None:
+        logits = logits.masked_fill(~visible, float("-inf"))
+    return F.softmax(logits, dim=-1).mean(dim=0)
+
+
 def fastv_scores(q_last: torch.Tensor, keys: torch.Tensor, num_kv_groups: int) -> torch.Tensor:
     """Attention each position receives from the last prompt token, averaged over heads.
 
     q_last: (H, D) rotary-embedded query of the last token; keys: (H_kv, T, D)
-    rotary-embedded keys of all prompt tokens. Returns (T,).
+    rotary-embedded keys of all prompt tokens, all visible to it. Returns (T,).
     """
-    keys = keys.repeat_interleave(num_kv_groups, dim=0)  # (H, T, D)
-    logits = torch.einsum("hd,htd->ht", q_last.float(), keys.float()) / math.sqrt(q_last.shape[-1])
-    return F.softmax(logits, dim=-1).mean(dim=0)
+    return head_mean_attention(q_last[:, None], keys, num_kv_groups)[0]
 
 
 def random_scores(count: int, seed: int) -> torch.Tensor:
@@ -217,11 +231,8 @@ def select_image_tokens(
         return TokenSelection(torch.arange(n), scores, tau)
     if rule.kind == "knee" and settings.token_rank == "core":
         return TokenSelection(knee, scores, tau)
-    count = {
-        "knee": knee.numel(),  # the baselines keep as many tokens as the knee would
-        "count": int(rule.value),
-        "ratio": math.ceil(rule.value * n),
-    }[rule.kind]
+    fixed = rule.fixed_count(n)
+    count = knee.numel() if fixed is None else fixed  # at the knee, the baselines keep as many as the knee would
     ranking = {"core": scores, "fastv": fastv, "random": random_scores(n, settings.seed) if n else scores}[
         settings.token_rank
     ]

@@ -45,6 +45,8 @@ import math
 
 import torch
 
+from edgecm.corematching import _stable_desc_order, head_mean_attention
+
 PAPER_DEPTH = 32  # LLaVA-1.5-7B's decoder layers
 PAPER_STAGE_LAYERS = (2, 6, 15)  # the code's pruning layers (scored on, then pruned after)
 PAPER_IMAGE_TOKENS = 576
@@ -76,10 +78,7 @@ def rater_attention(queries: torch.Tensor, keys: torch.Tensor, num_kv_groups: in
     queries: (H, R, D) rotary-embedded; keys: (H_kv, S, D); visible: (R, S) bool, the causal rule
     (a rater sees the keys at or before it). Returns (R, S).
     """
-    keys = keys.repeat_interleave(num_kv_groups, dim=0)  # (H, S, D)
-    logits = torch.einsum("hrd,hsd->hrs", queries.float(), keys.float()) / math.sqrt(queries.shape[-1])
-    logits = logits.masked_fill(~visible, float("-inf"))
-    return logits.softmax(dim=-1).mean(dim=0)
+    return head_mean_attention(queries, keys, num_kv_groups, visible)
 
 
 def rank_target(relation: torch.Tensor, image_tokens: int, scale: float = RANK_SCALE) -> int:
@@ -88,16 +87,16 @@ def rank_target(relation: torch.Tensor, image_tokens: int, scale: float = RANK_S
     return int(rank * scale * image_tokens / PAPER_IMAGE_TOKENS)
 
 
+def recycle_candidates(dropped: int) -> int:
+    """How many of a stage's dropped tokens (the most relevant) are clustered."""
+    return min(dropped, int(RECYCLE_SHARE * dropped) + 1)
+
+
 def recycled_count(dropped: int) -> int:
     """Aggregate tokens made from ``dropped`` tokens: one per 10 of the recycled 30 % (+1 each)."""
     if dropped <= 0:
         return 0
-    return (int(RECYCLE_SHARE * dropped) + 1) // TOKENS_PER_CLUSTER + 1
-
-
-def recycle_candidates(dropped: int) -> int:
-    """How many of a stage's dropped tokens (the most relevant) are clustered."""
-    return min(dropped, int(RECYCLE_SHARE * dropped) + 1)
+    return recycle_candidates(dropped) // TOKENS_PER_CLUSTER + 1
 
 
 def split_budget(target: int, present: int, recycle: bool) -> tuple[int, int]:
@@ -115,10 +114,6 @@ def split_budget(target: int, present: int, recycle: bool) -> tuple[int, int]:
             if kept + recycled_count(present - kept) <= target:
                 return kept, target - kept
     return target, 0
-
-
-def _stable_desc(values: torch.Tensor) -> torch.Tensor:
-    return torch.sort(values, descending=True, stable=True).indices
 
 
 def cluster_and_merge(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -139,10 +134,10 @@ def cluster_and_merge(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, tor
     nearest = torch.topk(dist, clusters, dim=-1, largest=False).values
     density = torch.exp(-(nearest ** 2).mean(dim=-1))
     rank = torch.empty(n, dtype=torch.long, device=x.device)
-    rank[_stable_desc(density)] = torch.arange(n, device=x.device)  # 0: the densest
+    rank[_stable_desc_order(density)] = torch.arange(n, device=x.device)  # 0: the densest
     denser = rank[None, :] < rank[:, None]  # (i, j): j is denser than i
     delta = torch.where(denser, dist, dist.max()).min(dim=-1).values
-    centres = _stable_desc(delta * density)[:clusters]
+    centres = _stable_desc_order(delta * density)[:clusters]
     assignment = dist[:, centres].argmin(dim=-1)
     assignment[centres] = torch.arange(clusters, device=x.device)
     sums = torch.zeros(clusters, d, dtype=torch.float32, device=x.device).index_add_(0, assignment, xf)

@@ -28,6 +28,7 @@ instead of merging some of them into aggregate tokens.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -56,6 +57,14 @@ class TokenRule:
         except ValueError:
             pass
         raise EdgecmError(f"--tokens {text}: use knee, all, count:N (N >= 1) or ratio:R (0 < R <= 1)")
+
+    def fixed_count(self, image_tokens: int) -> int | None:
+        """How many of ``image_tokens`` a count:N or ratio:R rule keeps; None for the adaptive rules."""
+        if self.kind == "count":
+            return int(self.value)
+        if self.kind == "ratio":
+            return math.ceil(self.value * image_tokens)
+        return None
 
     def __str__(self) -> str:
         if self.kind in ("knee", "all"):

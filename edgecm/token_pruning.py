@@ -20,7 +20,6 @@ unless early KV entries are kept.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -71,8 +70,9 @@ SequenceAttentionProbe = Callable[[torch.Tensor, torch.Tensor], None]
 
 @dataclass
 class _Stage:
+    """One SparseVLM stage, as the selection reports it."""
+
     tokens: int  # visual tokens it left (aggregates included)
-    recycled: int  # aggregates it made
     dropped: torch.Tensor  # original image tokens it removed (indices into the image tokens)
 
 
@@ -87,7 +87,7 @@ class TokenPruner:
     raters: torch.Tensor | None = None  # sequence indices of the SparseVLM raters
     layers: tuple[int, ...] = ()  # layers after which this sequence is pruned
     selection: TokenSelection | None = None
-    stages: list[_Stage] = field(default_factory=list)
+    stages: list[_Stage] = field(default_factory=list)  # SparseVLM's, one per stage run
     _scores: torch.Tensor | None = None  # what the attention probe read at the current layer
 
     @classmethod
@@ -115,10 +115,6 @@ class TokenPruner:
         return pruner
 
     # -- what a layer must observe --------------------------------------------------------------
-
-    @property
-    def active(self) -> bool:
-        return bool(self.layers)
 
     def core_rows(self, layer: int, rows: Rows) -> torch.Tensor | None:
         """Visual rows whose FFN activations G(i) the observer must keep at ``layer`` (core matching's
@@ -158,11 +154,7 @@ class TokenPruner:
         visual = rows.visual
         fastv = self._scores[visual] if self._scores is not None else None
         self.selection = select_image_tokens(self.settings, stats, fastv)
-        keep = self._with_text(rows, visual[self.selection.keep.to(visual.device)])
-        kept = rows.take(keep)
-        gone = torch.ones(self.image_tokens, dtype=torch.bool)
-        gone[self.selection.keep.cpu()] = False
-        self.stages.append(_Stage(int(self.selection.keep.numel()), 0, gone.nonzero().flatten()))
+        kept = rows.take(self._with_text(rows, visual[self.selection.keep.to(visual.device)]))
         return kept, kept.order
 
     def _with_text(self, rows: Rows, visual_rows: torch.Tensor) -> torch.Tensor:
@@ -176,9 +168,7 @@ class TokenPruner:
         visual = rows.visual
         present = int(visual.numel())
         relevance = relation.mean(dim=0)  # (N_visual,)
-        rule = self.settings.tokens
-        budget = {"count": lambda: int(rule.value), "ratio": lambda: math.ceil(rule.value * self.image_tokens)}.get(
-            rule.kind, lambda: None)()
+        budget = self.settings.tokens.fixed_count(self.image_tokens)
         if budget is not None and layer == self.layers[-1]:
             target = budget
         else:
@@ -202,7 +192,7 @@ class TokenPruner:
             kept = kept.joined(made)
         before, after = rows.source[rows.source >= 0], kept.source[kept.source >= 0]
         dropped = before[~torch.isin(before, after)].sort().values.cpu()
-        self.stages.append(_Stage(int(kept.visual.numel()), aggregates, dropped))
+        self.stages.append(_Stage(int(kept.visual.numel()), dropped))
         self.selection = TokenSelection(after.sort().values.cpu(), torch.zeros(0, dtype=torch.long), None,
                                         recycled=int((kept.source == RECYCLED).sum()),
                                         stage_tokens=tuple(s.tokens for s in self.stages),
@@ -212,5 +202,7 @@ class TokenPruner:
 
     @property
     def kept_tokens(self) -> int:
-        """Visual tokens left after the last stage (aggregates included)."""
-        return self.stages[-1].tokens if self.stages else self.image_tokens
+        """Visual tokens left after pruning (SparseVLM's aggregates included)."""
+        if self.selection is None:
+            return self.image_tokens
+        return int(self.selection.keep.numel()) + self.selection.recycled

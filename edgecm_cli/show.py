@@ -103,8 +103,8 @@ def stage_chart(top, selection, image_tokens: int, num_layers: int) -> None:
     top.set_ylabel("visual tokens")
 
 
-def charts(scores: torch.Tensor, kept: int, core_neurons: list[int], width: int, height_px: int, settings,
-           selection=None, image_tokens: int = 0) -> "Image.Image":
+def charts(selection, image_tokens: int, kept: int, core_neurons: list[int], width: int, height_px: int,
+           settings) -> "Image.Image":
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,10 +114,10 @@ def charts(scores: torch.Tensor, kept: int, core_neurons: list[int], width: int,
     dpi = 100
     height = max(height_px, MIN_CHART_HEIGHT)  # small towers give small panels; the charts stay readable
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, height / dpi), dpi=dpi)
-    if selection is not None and selection.stage_layers and settings.token_rank == "sparsevlm":
+    if settings.token_rank == "sparsevlm":
         stage_chart(top, selection, image_tokens, len(core_neurons))
     else:
-        score_chart(top, scores, kept)
+        score_chart(top, selection.core_scores, kept)
     layers = list(range(len(core_neurons)))
     colors = ["#7f8c8d" if n == width else "#27ae60" for n in core_neurons]
     bottom.bar(layers, [n / width for n in core_neurons], color=colors)
@@ -163,8 +163,8 @@ def render(path: Path, views: list, grid: tuple[int, int], result, settings, que
     patches = Image.new("RGB", (panels[0].width, sum(p.height for p in panels)), "white")
     for v, panel in enumerate(panels):
         patches.paste(panel, (0, v * panels[0].height))
-    chart = charts(result.selection.core_scores, len(kept), result.core_neurons, width, patches.height, settings,
-                   result.selection, result.image_tokens)
+    chart = charts(result.selection, result.image_tokens, len(kept), result.core_neurons, width, patches.height,
+                   settings)
     header = 58
     canvas = Image.new("RGB", (patches.width + chart.width, max(patches.height, chart.height) + header), "white")
     canvas.paste(patches, (0, header))

@@ -175,13 +175,10 @@ def _run(engine, prompts, per_sequence, stop_token_ids, sparsity, collect_logits
 
 def _embed(engine, prompts: list[Prompt], spans: Spans, sparsity: SparsitySettings) -> tuple[list[_Sequence], torch.Tensor]:
     """Each prompt's embeddings, vision features in place, padded to the longest."""
-    text = engine.text
     seqs = []
     embedded = engine.embed_batch(prompts, spans)  # the vision tower is loaded once for the batch
     for prompt, hidden in zip(prompts, embedded):
-        rows = engine.prompt_rows(hidden, prompt)
-        pruner = TokenPruner.start(sparsity, text.num_layers, text.num_heads // text.num_kv_heads, rows)
-        seqs.append(_Sequence(prompt, rows, pruner))
+        seqs.append(_Sequence(prompt, *engine.start_sequence(hidden, prompt, sparsity)))
     return seqs, _pad(embedded, max(q.length for q in seqs), 0.0)
 
 
@@ -204,13 +201,7 @@ def _prefill(engine, seqs: list[_Sequence], hidden: torch.Tensor, sparsity: Spar
                 frequency=wants_core or sparsity.neurons.kind == "beta",
             )
         probes = [q.pruner.attention_probe(index, q.rows) for q in seqs]
-        observe = None
-        if any(p is not None for p in probes):
-            # Each sequence reads its own queries over its own keys.
-            def observe(q, keys, probes=probes):
-                for b, (seq, probe) in enumerate(zip(seqs, probes)):
-                    if probe is not None:
-                        probe(q[b, :, : seq.length], keys[b, :, : seq.length])
+        observe = _per_sequence(probes, [q.length for q in seqs]) if any(probes) else None
         with engine.timer.layer("prefill", index):
             hidden = decoder_layer(hidden, weights, text, cos, sin, order, cache, index,
                                    observer=stats, attention_observer=observe)
@@ -239,6 +230,16 @@ def _prefill(engine, seqs: list[_Sequence], hidden: torch.Tensor, sparsity: Spar
     last = torch.tensor([q.length - 1 for q in seqs], device=engine.device)
     logits = engine.head(hidden[torch.arange(len(seqs), device=engine.device), last])  # (B, V)
     return placement, logits, core_counts, chosen
+
+
+def _per_sequence(probes: list, lengths: list[int]):
+    """One attention observer for the padded batch: each sequence's probe reads its own queries over its
+    own keys."""
+    def observe(q: torch.Tensor, keys: torch.Tensor) -> None:
+        for b, (probe, length) in enumerate(zip(probes, lengths)):
+            if probe is not None:
+                probe(q[b, :, :length], keys[b, :, :length])
+    return observe
 
 
 def _decode(engine, rows, logits, per_sequence, stop_token_ids, cache, placement, collect_logits, forced) -> list[dict]:

@@ -288,8 +288,7 @@ class Engine:
         text in every supported template and is always kept.
         """
         text = self.text
-        rows = self.prompt_rows(hidden[0], prompt)
-        pruner = TokenPruner.start(sparsity, text.num_layers, text.num_heads // text.num_kv_heads, rows)
+        rows, pruner = self.start_sequence(hidden[0], prompt, sparsity)
         collect = sparsity.mode == "corematching"
         placement = DecodePlacement(self.last_plan, self.sizes, self.resident_sizes, self.streamer, self.device,
                                     self._keep)
@@ -334,16 +333,18 @@ class Engine:
             decode_neurons=chosen,
         )
 
-    def prompt_rows(self, hidden: torch.Tensor, prompt: Prompt) -> Rows:
-        """A prompt's rows entering layer 0: embeddings ``hidden`` (T, d), the family's rotary ids and
-        tables, sequence indices, and which rows hold which image (or video) token."""
+    def start_sequence(self, hidden: torch.Tensor, prompt: Prompt, sparsity: SparsitySettings) -> tuple[Rows, TokenPruner]:
+        """A prompt's rows entering layer 0 (embeddings ``hidden`` (T, d), the family's rotary ids and
+        tables, sequence indices, and which rows hold which image or video token) and its token pruner."""
         positions = self.family.positions(self.config, prompt, self.device)  # rotary ids, (T,) or (3, T)
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
         source = torch.full((prompt.num_tokens,), TEXT, dtype=torch.long, device=self.device)
         image_rows = prompt.image_positions.to(self.device)
         source[image_rows] = torch.arange(image_rows.numel(), device=self.device)
         order = torch.arange(prompt.num_tokens, device=self.device)  # sequence indices: what the mask follows
-        return Rows(hidden, positions, order, cos, sin, source)
+        rows = Rows(hidden, positions, order, cos, sin, source)
+        text = self.text
+        return rows, TokenPruner.start(sparsity, text.num_layers, text.num_heads // text.num_kv_heads, rows)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: (..., d) -> (..., V) logits in float32."""

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+import spec
+
 from edgecm.corematching import (
     LayerActivationStats,
     core_neurons,
@@ -21,18 +23,6 @@ from edgecm.corematching import (
 from edgecm.errors import EdgecmError
 from edgecm.model import LayerWeights, activation, feed_forward
 from edgecm.sparsity import NeuronBudget, SparsitySettings, TokenRule
-
-
-def naive_frequency(h: torch.Tensor, rho: float) -> torch.Tensor:
-    """The specification, token by token, in plain Python."""
-    f = [0] * h.shape[1]
-    for row in h.tolist():
-        activated = [n for n, v in enumerate(row) if v > 0]
-        k = math.ceil(rho * len(activated))
-        # Largest first; equal values: lower index first.
-        for n in sorted(activated, key=lambda n: (-row[n], n))[:k]:
-            f[n] += 1
-    return torch.tensor(f)
 
 
 def test_frequency_by_hand():
@@ -53,7 +43,7 @@ def test_frequency_matches_naive_reference_on_tie_heavy_inputs():
         t, f = int(torch.randint(1, 12, (1,), generator=gen)), int(torch.randint(1, 30, (1,), generator=gen))
         h = torch.randint(-3, 4, (t, f), generator=gen).float()
         rho = (0.1, 0.2, 0.5, 1.0)[trial % 4]
-        assert torch.equal(token_core_frequency(h, rho), naive_frequency(h, rho)), (h, rho)
+        assert token_core_frequency(h, rho).tolist() == spec.frequency(h, rho), (h, rho)
 
 
 def test_token_without_positive_activation_contributes_nothing():

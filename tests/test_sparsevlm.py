@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from edgecm import sparsevlm
 from edgecm.checkpoint import open_checkpoint
 from edgecm.kv_cache import KVCache
-from edgecm.model import decoder_layer, rms_norm
+from edgecm.model import rms_norm
 from edgecm.prompt import PromptBuilder
 from edgecm.rope import apply_rotary
 from edgecm.sparsity import NeuronBudget, SparsitySettings, TokenRule
