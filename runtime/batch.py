@@ -46,7 +46,6 @@ from edgecm.sampling import next_token
 from edgecm.sparsity import DENSE, SparsitySettings
 from edgecm.token_pruning import Rows, TokenPruner
 from runtime.budget import out_of_memory_message
-from runtime.placement import DecodePlacement
 from runtime.results import GenerationResult, Telemetry
 from runtime.telemetry import LayerTimer, PeakRSS, Spans, nvml_snapshot
 
@@ -136,7 +135,7 @@ def _run(engine, prompts, per_sequence, stop_token_ids, sparsity, collect_logits
         started = time.perf_counter()
         rows, hidden = _embed(engine, prompts, spans, sparsity)
         with spans.span("prefill"):
-            placement, logits, core_counts, chosen = _prefill(engine, rows, hidden, sparsity, cache)
+            placement, logits = _prefill(engine, rows, hidden, sparsity, cache)
         prefill_stream = engine.streamer.stats
         engine.streamer.reset_counters()
         if placement.moves_no_weights():
@@ -163,11 +162,11 @@ def _run(engine, prompts, per_sequence, stop_token_ids, sparsity, collect_logits
             telemetry=telemetry,
             kept_image_tokens=seq.pruner.kept_tokens,
             kv_cache_tokens=done["kv_tokens"],
-            core_neurons=core_counts,
+            core_neurons=placement.neuron_counts(),
             selection=seq.pruner.selection,
             logits=torch.stack(done["logits"]) if collect_logits else None,
             ffn_width=engine.text.intermediate_size,
-            decode_neurons=chosen,
+            decode_neurons=placement.neurons,
         )
         results.append(result)
     return results
@@ -186,11 +185,8 @@ def _prefill(engine, seqs: list[_Sequence], hidden: torch.Tensor, sparsity: Spar
     """Every layer once over the padded batch; token pruning per sequence, one shared decode set."""
     text = engine.text
     collect = sparsity.mode == "corematching"
-    placement = DecodePlacement(engine.last_plan, engine.sizes, engine.resident_sizes, engine.streamer,
-                                engine.device, engine._keep)
+    placement = engine.new_placement()
     order, cos, sin = _padded_rows(seqs)
-    core_counts: list[int] = []
-    chosen: list[torch.Tensor | None] = []
     for index, weights in engine.streamer.stream(range(text.num_layers)):
         core_rows = [q.pruner.core_rows(index, q.rows) for q in seqs]
         wants_core = any(r is not None for r in core_rows)
@@ -207,8 +203,6 @@ def _prefill(engine, seqs: list[_Sequence], hidden: torch.Tensor, sparsity: Spar
                                    observer=stats, attention_observer=observe)
         neurons = decode_neurons(stats, sparsity, index, text.intermediate_size) if collect else None
         placement.place(index, weights, neurons)
-        chosen.append(neurons)
-        core_counts.append(text.intermediate_size if neurons is None else int(neurons.numel()))
         del weights
         if not any(index in q.pruner.layers for q in seqs):
             continue
@@ -229,7 +223,7 @@ def _prefill(engine, seqs: list[_Sequence], hidden: torch.Tensor, sparsity: Spar
                 cache.keep_orders(layer, survivors)
     last = torch.tensor([q.length - 1 for q in seqs], device=engine.device)
     logits = engine.head(hidden[torch.arange(len(seqs), device=engine.device), last])  # (B, V)
-    return placement, logits, core_counts, chosen
+    return placement, logits
 
 
 def _per_sequence(probes: list, lengths: list[int]):

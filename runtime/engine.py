@@ -290,10 +290,7 @@ class Engine:
         text = self.text
         rows, pruner = self.start_sequence(hidden[0], prompt, sparsity)
         collect = sparsity.mode == "corematching"
-        placement = DecodePlacement(self.last_plan, self.sizes, self.resident_sizes, self.streamer, self.device,
-                                    self._keep)
-        core_counts: list[int] = []
-        chosen: list[torch.Tensor | None] = []
+        placement = self.new_placement()
         for index, weights in self.streamer.stream(range(text.num_layers)):
             core_rows = pruner.core_rows(index, rows)
             stats = None
@@ -312,8 +309,6 @@ class Engine:
             else:
                 neurons = decode_neurons(stats, sparsity, index, text.intermediate_size) if collect else None
             placement.place(index, weights, neurons)
-            chosen.append(neurons)
-            core_counts.append(text.intermediate_size if neurons is None else int(neurons.numel()))
             del weights
             pruned = pruner.after_layer(index, rows, stats)
             if pruned is not None:
@@ -328,10 +323,14 @@ class Engine:
             kept_order=rows.order,
             image_tokens=pruner.image_tokens,
             kept_image_tokens=pruner.kept_tokens,
-            core_neurons=core_counts,
+            core_neurons=placement.neuron_counts(),
             selection=pruner.selection,
-            decode_neurons=chosen,
+            decode_neurons=placement.neurons,
         )
+
+    def new_placement(self) -> DecodePlacement:
+        """An empty placement of one request's decode weights against the last plan."""
+        return DecodePlacement(self.last_plan, self.sizes, self.resident_sizes, self.streamer, self.device, self._keep)
 
     def start_sequence(self, hidden: torch.Tensor, prompt: Prompt, sparsity: SparsitySettings) -> tuple[Rows, TokenPruner]:
         """A prompt's rows entering layer 0 (embeddings ``hidden`` (T, d), the family's rotary ids and

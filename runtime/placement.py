@@ -42,9 +42,13 @@ class DecodePlacement:
         self.keeping_all = streamer.keep_as is not None
         self.on_device: dict[int, LayerWeights] = {}
         self.on_host: dict[int, LayerWeights] = {}
+        self.neurons: list[torch.Tensor | None] = []  # per layer placed so far: decode's FFN neurons, None for all
 
     def place(self, index: int, weights: LayerWeights, neurons: torch.Tensor | None) -> None:
-        """Layer ``index`` is done with prefill: keep what decode needs of it (``neurons``: its core slice)."""
+        """Layer ``index`` is done with prefill: keep what decode needs of it (``neurons``: its core slice).
+
+        Layers are placed in order, one call each."""
+        self.neurons.append(neurons)
         if neurons is None and index in self.streamer.kept:
             return
         decode = weights if neurons is None else weights.with_ffn_neurons(neurons.to(self.device))
@@ -55,6 +59,11 @@ class DecodePlacement:
             self.ledger.commit(size)
         elif neurons is not None:
             self.on_host[index] = decode.copied_to(torch.device("cpu"), pin=self.device.type == "cuda")
+
+    def neuron_counts(self) -> list[int]:
+        """Per layer: the FFN neurons decode uses (the full width for a dense layer)."""
+        width = self.sizes.ffn_width
+        return [width if n is None else int(n.numel()) for n in self.neurons]
 
     def decode_weights(self, on_device_only: bool = False) -> dict[int, LayerWeights]:
         """The weights decode uses for every layer not read from disk, by the streamer's precedence.
