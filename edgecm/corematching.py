@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _stable_desc_order(values: torch.Tensor, dim: int = -1) -> torch.Tensor:
+def stable_desc_order(values: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Indices that sort ``values`` descending; equal values keep ascending index order."""
     return torch.sort(values, dim=dim, descending=True, stable=True).indices
 
@@ -51,7 +51,7 @@ def token_core_frequency(h: torch.Tensor, rho: float) -> torch.Tensor:
 def top_fraction(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     """The ``ceil(fraction * len)`` indices of largest score (ties: lower index), returned ascending."""
     count = min(scores.numel(), max(1, math.ceil(fraction * scores.numel())))
-    return torch.sort(_stable_desc_order(scores)[:count]).values
+    return torch.sort(stable_desc_order(scores)[:count]).values
 
 
 def core_neurons(frequency: torch.Tensor, beta: float) -> torch.Tensor:
@@ -64,7 +64,7 @@ def mass_budget_neurons(mass: torch.Tensor, share: float) -> torch.Tensor:
 
     Returned ascending. A layer with no mass at all keeps one neuron (the first).
     """
-    order = _stable_desc_order(mass.double())
+    order = stable_desc_order(mass.double())
     total = float(mass.double().sum())
     if total <= 0:
         return order[:1].sort().values
@@ -107,7 +107,7 @@ def knee_keep(scores: torch.Tensor) -> torch.Tensor:
 def top_count(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Indices (ascending) of the ``count`` largest scores, ties to the lower index."""
     count = max(0, min(count, scores.numel()))
-    return torch.sort(_stable_desc_order(scores)[:count]).values
+    return torch.sort(stable_desc_order(scores)[:count]).values
 
 
 def head_mean_attention(

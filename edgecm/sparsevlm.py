@@ -45,7 +45,7 @@ import math
 
 import torch
 
-from edgecm.corematching import _stable_desc_order, head_mean_attention
+from edgecm.corematching import stable_desc_order
 
 PAPER_DEPTH = 32  # LLaVA-1.5-7B's decoder layers
 PAPER_STAGE_LAYERS = (2, 6, 15)  # the code's pruning layers (scored on, then pruned after)
@@ -70,15 +70,6 @@ def select_raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     relevance = (visual.float() @ text.float().T).softmax(dim=-1).mean(dim=0)  # (M,)
     raters = (relevance > relevance.mean()).nonzero().flatten()
     return raters if raters.numel() else torch.arange(text.shape[0], device=text.device)
-
-
-def rater_attention(queries: torch.Tensor, keys: torch.Tensor, num_kv_groups: int, visible: torch.Tensor) -> torch.Tensor:
-    """Attention probabilities of the rater queries, averaged over heads.
-
-    queries: (H, R, D) rotary-embedded; keys: (H_kv, S, D); visible: (R, S) bool, the causal rule
-    (a rater sees the keys at or before it). Returns (R, S).
-    """
-    return head_mean_attention(queries, keys, num_kv_groups, visible)
 
 
 def rank_target(relation: torch.Tensor, image_tokens: int, scale: float = RANK_SCALE) -> int:
@@ -134,10 +125,10 @@ def cluster_and_merge(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, tor
     nearest = torch.topk(dist, clusters, dim=-1, largest=False).values
     density = torch.exp(-(nearest ** 2).mean(dim=-1))
     rank = torch.empty(n, dtype=torch.long, device=x.device)
-    rank[_stable_desc_order(density)] = torch.arange(n, device=x.device)  # 0: the densest
+    rank[stable_desc_order(density)] = torch.arange(n, device=x.device)  # 0: the densest
     denser = rank[None, :] < rank[:, None]  # (i, j): j is denser than i
     delta = torch.where(denser, dist, dist.max()).min(dim=-1).values
-    centres = _stable_desc_order(delta * density)[:clusters]
+    centres = stable_desc_order(delta * density)[:clusters]
     assignment = dist[:, centres].argmin(dim=-1)
     assignment[centres] = torch.arange(clusters, device=x.device)
     sums = torch.zeros(clusters, d, dtype=torch.float32, device=x.device).index_add_(0, assignment, xf)

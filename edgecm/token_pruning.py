@@ -27,7 +27,14 @@ import torch
 
 from edgecm import sparsevlm
 from edgecm.errors import EdgecmError
-from edgecm.corematching import LayerActivationStats, TokenSelection, fastv_scores, select_image_tokens, top_count
+from edgecm.corematching import (
+    LayerActivationStats,
+    TokenSelection,
+    fastv_scores,
+    head_mean_attention,
+    select_image_tokens,
+    top_count,
+)
 
 TEXT, RECYCLED = -1, -2  # ``source`` of rows that are not an original image token
 
@@ -138,7 +145,7 @@ class TokenPruner:
         def probe(q: torch.Tensor, keys: torch.Tensor) -> None:
             columns = torch.arange(keys.shape[1], device=keys.device)
             visible = columns[None, :] <= rater_rows[:, None]  # rows are in sequence order: causal by row
-            relation = sparsevlm.rater_attention(q[:, rater_rows], keys, self.num_kv_groups, visible)  # (R, T)
+            relation = head_mean_attention(q[:, rater_rows], keys, self.num_kv_groups, visible)  # (R, T)
             self._scores = relation[:, visual]  # P: raters x visual tokens
         return probe
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from edgecm import sparsevlm
 from edgecm.checkpoint import open_checkpoint
+from edgecm.corematching import head_mean_attention
 from edgecm.kv_cache import KVCache
 from edgecm.model import rms_norm
 from edgecm.prompt import PromptBuilder
@@ -48,9 +49,9 @@ def test_rater_attention_is_causal_and_averaged_over_heads():
     keys = torch.tensor([[[0.0], [1.0], [2.0]]])  # one KV head, D = 1
     queries = torch.tensor([[[0.0], [math.log(2)]]])  # rater 0 sees keys 0..1, rater 1 sees 0..2
     visible = torch.tensor([[True, True, False], [True, True, True]])
-    got = sparsevlm.rater_attention(queries, keys, 1, visible)
+    got = head_mean_attention(queries, keys, 1, visible)
     torch.testing.assert_close(got, torch.tensor([[0.5, 0.5, 0.0], [1 / 7, 2 / 7, 4 / 7]]))
-    two_heads = sparsevlm.rater_attention(torch.cat([queries, queries * 0]), keys, 2, visible)
+    two_heads = head_mean_attention(torch.cat([queries, queries * 0]), keys, 2, visible)
     torch.testing.assert_close(two_heads[1], torch.tensor([(1 / 7 + 1 / 3) / 2, (2 / 7 + 1 / 3) / 2, (4 / 7 + 1 / 3) / 2]))
 
 
