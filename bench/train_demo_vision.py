@@ -69,6 +69,8 @@ from edgecm import demo, scenes  # noqa: E402
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+PATCH = demo.VISION["patch_size"]
+IMAGE_TOKENS = (demo.VISION["image_size"] // PATCH) ** 2  # 196
 # A patch counts as an object's when the object covers at least this share of it.
 PATCH_COVER = 0.2
 
@@ -107,6 +109,12 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def tower_features(model, images: torch.Tensor) -> torch.Tensor:
+    """(N, patches, d_vision): what LLaVA's projector reads (the feature layer, CLS dropped)."""
+    out = model.model.vision_tower(images, output_hidden_states=True)
+    return out.hidden_states[demo.VISION_FEATURE_LAYER][:, 1:]
+
+
 def warm_up_tower(model, args, log) -> None:
     """Stage 1: per-patch colour and shape classification from the features LLaVA reads."""
     tower = model.model.vision_tower
@@ -114,17 +122,16 @@ def warm_up_tower(model, args, log) -> None:
     heads = torch.nn.Linear(d, len(scenes.COLOURS) + 1 + len(scenes.SHAPES) + 1)
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=args.warmup_lr, weight_decay=0.01)
-    patch = tower.config.patch_size
     n_colour = len(scenes.COLOURS) + 1
     seed = 0
     for step in range(args.warmup_steps):
         batch = [scenes.make_scene(seed + i) for i in range(args.warmup_batch)]
         seed += args.warmup_batch
         x = torch.stack([pixels(s.render()) for s in batch])
-        labels = [patch_labels(s, patch) for s in batch]
+        labels = [patch_labels(s, PATCH) for s in batch]
         colour = torch.stack([c for c, _ in labels]).flatten()
         shape = torch.stack([s for _, s in labels]).flatten()
-        feats = tower(x, output_hidden_states=True).hidden_states[demo.VISION_FEATURE_LAYER][:, 1:]
+        feats = tower_features(model, x)
         logits = heads(feats).flatten(0, 1)
         obj = colour > 0
         # Shape is scored on object patches only: averaged over every patch, the
@@ -205,14 +212,14 @@ def initial_table(tokenizer, embeddings: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows).float()
 
 
-def answer_loss(model, tokenizer, scene, rng, n_image: int, image_rows, keep=None) -> tuple[torch.Tensor, int]:
+def answer_loss(model, tokenizer, scene, rng, image_rows, keep=None) -> tuple[torch.Tensor, int]:
     """Cross-entropy on the answer tokens of one conversation about ``scene``, its image tokens given.
 
     ``keep`` (bool, one per image token) leaves the other image tokens out of the
     sequence while every token keeps its position, as token pruning does."""
     cfg = model.config
     lm = model.model.language_model
-    ids, labels = encode_conversation(tokenizer, cfg.image_token_id, n_image, conversation(scene, rng))
+    ids, labels = encode_conversation(tokenizer, cfg.image_token_id, IMAGE_TOKENS, conversation(scene, rng))
     x = lm.embed_tokens(ids[None]).clone()
     is_image = ids == cfg.image_token_id
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -220,8 +227,8 @@ def answer_loss(model, tokenizer, scene, rng, n_image: int, image_rows, keep=Non
         present = torch.ones_like(is_image)
         if keep is not None:
             present[is_image] = keep
-        positions = torch.arange(len(ids))[present]
-        hidden = lm(inputs_embeds=x[:, present], position_ids=positions[None]).last_hidden_state[0]
+        position_ids = torch.arange(len(ids))[present]
+        hidden = lm(inputs_embeds=x[:, present], position_ids=position_ids[None]).last_hidden_state[0]
         # Position t predicts token t + 1: score only the positions that precede an answer token.
         targets = labels[present][1:]
         where = (targets != -100).nonzero().flatten()
@@ -233,7 +240,7 @@ def background_dropout(scene: scenes.Scene, rng: random.Random, most: float) -> 
     """Keep mask over the image tokens: every object patch, and each background patch with
     probability 1 - p, p drawn per conversation in [0, most]. The engine drops image tokens
     (the knee, a count); a model that only ever saw all 196 reads the rest as noise."""
-    objects = patch_kinds(scene, demo.VISION["patch_size"]) > 0
+    objects = patch_kinds(scene, PATCH) > 0
     drop = rng.uniform(0.0, most)
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
     return objects | (torch.rand(len(objects), generator=gen) >= drop)
@@ -241,10 +248,9 @@ def background_dropout(scene: scenes.Scene, rng: random.Random, most: float) -> 
 
 def train_reading_table(model, tokenizer, args, log) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage 2: the vectors the frozen language model reads scenes from best, given true patch labels."""
-    n_image = (demo.VISION["image_size"] // demo.VISION["patch_size"]) ** 2
     embeddings = model.model.language_model.embed_tokens.weight.detach()
     table = initial_table(tokenizer, embeddings).requires_grad_(True)
-    positions = torch.zeros(n_image, embeddings.shape[1], requires_grad=True)
+    positions = torch.zeros(IMAGE_TOKENS, embeddings.shape[1], requires_grad=True)
     opt = torch.optim.Adam([table, positions], lr=args.table_lr)
     rng = random.Random(args.seed + 1)
     seed = args.next_seed
@@ -253,8 +259,8 @@ def train_reading_table(model, tokenizer, args, log) -> tuple[torch.Tensor, torc
             group["lr"] = lr_at(step, args.table_steps, args.table_lr, 20)
         scene = scenes.make_scene(seed)
         seed += 1
-        kinds = patch_kinds(scene, demo.VISION["patch_size"])
-        loss, answered = answer_loss(model, tokenizer, scene, rng, n_image, lambda: table[kinds] + positions)
+        kinds = patch_kinds(scene, PATCH)
+        loss, answered = answer_loss(model, tokenizer, scene, rng, lambda: table[kinds] + positions)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -263,18 +269,11 @@ def train_reading_table(model, tokenizer, args, log) -> tuple[torch.Tensor, torc
     return table.detach(), positions.detach()
 
 
-def tower_features(model, images: torch.Tensor) -> torch.Tensor:
-    """(N, patches, d_vision): what LLaVA's projector reads (the feature layer, CLS dropped)."""
-    out = model.model.vision_tower(images, output_hidden_states=True)
-    return out.hidden_states[demo.VISION_FEATURE_LAYER][:, 1:]
-
-
 def distil_projector(model, table: torch.Tensor, positions: torch.Tensor, args, log) -> None:
     """Stage 3: projector(tower features of a patch) -> table[what the patch shows] + positions[patch].
 
     The tower trains too: stage 1 taught it what each patch shows, not where the
     patch is, and the position vectors are a large part of the target."""
-    patch = demo.VISION["patch_size"]
     projector = model.model.multi_modal_projector
     params = list(projector.parameters()) + list(model.model.vision_tower.parameters())
     opt = torch.optim.Adam(params, lr=args.distil_lr)
@@ -284,7 +283,7 @@ def distil_projector(model, table: torch.Tensor, positions: torch.Tensor, args, 
             group["lr"] = lr_at(step, args.distil_steps, args.distil_lr, 20)
         batch = [scenes.make_scene(seed + i) for i in range(args.distil_batch)]
         seed += len(batch)
-        targets = torch.stack([table[patch_kinds(s, patch)] + positions for s in batch])
+        targets = torch.stack([table[patch_kinds(s, PATCH)] + positions for s in batch])
         out = projector(tower_features(model, torch.stack([pixels(s.render()) for s in batch])))
         loss = F.mse_loss(out, targets) / targets.pow(2).mean()
         opt.zero_grad()
@@ -296,7 +295,6 @@ def distil_projector(model, table: torch.Tensor, positions: torch.Tensor, args, 
 
 def train_language_stage(model, tokenizer, args, log) -> None:
     """Stage 4: tower + projector through the frozen language model, loss on answers only."""
-    n_image = (demo.VISION["image_size"] // demo.VISION["patch_size"]) ** 2
     tower_params = list(model.model.vision_tower.parameters())
     proj_params = list(model.model.multi_modal_projector.parameters())
     opt = torch.optim.AdamW(
@@ -322,7 +320,7 @@ def train_language_stage(model, tokenizer, args, log) -> None:
             scene = scenes.make_scene(seed)
             seed += 1
             keep = background_dropout(scene, rng, args.drop_background) if args.drop_background > 0 else None
-            loss, n = answer_loss(model, tokenizer, scene, rng, n_image, lambda: image_rows(scene), keep)
+            loss, n = answer_loss(model, tokenizer, scene, rng, lambda: image_rows(scene), keep)
             (loss / args.accumulate).backward()
             total += loss.item()
             answered += n
