@@ -81,20 +81,28 @@ def pixels(image) -> torch.Tensor:
     return (x - CLIP_MEAN) / CLIP_STD
 
 
-def patch_labels(scene: scenes.Scene, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per patch: colour index + 1 and shape index + 1 of the object covering it (0: background)."""
+def patch_cover(scene: scenes.Scene, patch: int) -> torch.Tensor:
+    """(objects, patches): the share of each patch that each of the scene's objects covers."""
     from PIL import Image, ImageDraw
 
     size = scenes.IMAGE_SIZE
     grid = size // patch
-    colour = torch.zeros(grid * grid, dtype=torch.long)
-    shape = torch.zeros(grid * grid, dtype=torch.long)
-    best = torch.zeros(grid * grid)
+    covers = []
     for obj in scene.objects:
         mask = Image.new("L", (size, size), 0)
         scenes.draw_shape(ImageDraw.Draw(mask), obj, 1.0, 255)
         cover = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)
-        cover = cover.view(grid, patch, grid, patch).mean(dim=(1, 3)).flatten()
+        covers.append(cover.view(grid, patch, grid, patch).mean(dim=(1, 3)).flatten())
+    return torch.stack(covers) if covers else torch.zeros(0, grid * grid)
+
+
+def patch_labels(scene: scenes.Scene, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per patch: colour index + 1 and shape index + 1 of the object covering it (0: background)."""
+    covers = patch_cover(scene, patch)
+    colour = torch.zeros(covers.shape[1], dtype=torch.long)
+    shape = torch.zeros(covers.shape[1], dtype=torch.long)
+    best = torch.zeros(covers.shape[1])
+    for obj, cover in zip(scene.objects, covers):
         take = (cover >= PATCH_COVER) & (cover > best)
         colour[take] = list(scenes.COLOURS).index(obj.colour) + 1
         shape[take] = scenes.SHAPES.index(obj.shape) + 1
