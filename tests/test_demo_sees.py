@@ -1,4 +1,4 @@
-"""The demo's trained vision side: it answers fixed held-out scenes correctly, and the fidelity bench runs."""
+"""The demo's trained vision side: it answers fixed held-out scenes correctly, and the fidelity and placement benches run."""
 
 from __future__ import annotations
 
@@ -64,3 +64,19 @@ def test_the_token_fidelity_bench_runs_end_to_end(demo_home, tmp_path):
     kept = {r["variant"]: r["kept_image_tokens"] for r in record["answers"]}
     assert kept["dense"] == 196 and kept["core 16"] == kept["fastv 16"] == kept["random 16"] == 16
     assert "| core 16 |" in out.with_suffix(".md").read_text()
+
+
+def test_the_token_placement_bench_recomputes_the_engines_core_scores(demo_home, tmp_path):
+    out = tmp_path / "placement"
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "token_placement.py"), "--scenes", "2", "--count", "16",
+         "--layers", "2,4", "--out", str(out)],
+        check=True, capture_output=True, text=True, timeout=600,
+    )
+    summary = json.loads(out.with_suffix(".json").read_text())["summary"]
+    # Its diagnostic variants stand beside the engine's score only if it reproduces that score exactly.
+    assert summary["score_mismatches"] == 0
+    assert summary["rules"]["random 16"]["kept"] == summary["rules"]["core 16"]["kept"] == 16
+    assert 0 < summary["object_patch_share"] < 0.5
+    assert set(summary["diagnostic"]) == {"2", "4"}
+    assert "| core knee |" in out.with_suffix(".md").read_text()
