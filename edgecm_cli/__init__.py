@@ -452,6 +452,11 @@ def load_model(args: argparse.Namespace) -> Loaded:
     calibration = load_calibration(checkpoint.path)
     sparsity = sparsity_from_flags(args, calibration)
     sparsity.check_layers(checkpoint.config.text.num_layers)  # only config.json has been read so far
+    sees_images = any(getattr(args, name, None) for name in ("image", "video", "inputs"))
+    if model_name == "demo" and sparsity.prunes_tokens and sees_images:
+        from edgecm.demo import DEMO_PRUNING_NOTICE
+
+        print(f"edgecm: {DEMO_PRUNING_NOTICE}", file=sys.stderr)
     generation = GenerationSettings(
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingSettings(temperature=args.temperature, top_p=args.top_p, seed=args.seed),

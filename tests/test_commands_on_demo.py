@@ -20,7 +20,9 @@ def test_caption_and_show_on_the_demo(demo_home, image_path, tmp_path, capsys):
     records = {r["path"].rsplit("/", 1)[1]: r for r in map(json.loads, out.read_text().splitlines())}
     assert records["a.png"]["image_tokens"] == 196 and "caption" in records["a.png"]
     assert "error" in records["b.png"]
-    assert "world of coloured shapes" in capsys.readouterr().err  # the demo says what it knows
+    err = capsys.readouterr().err
+    assert "world of coloured shapes" in err  # the demo says what it knows
+    assert "token pruning keeps background" in err  # and that its default mode loses the objects
 
     png = tmp_path / "show.png"
     assert edgecm_cli.main(["show", "--image", str(image_path), "-q", "What is shown?", "--out", str(png),
@@ -37,3 +39,12 @@ def test_run_json_on_the_demo(demo_home, image_path, capsys):
     assert record["image_tokens"] == 196 and record["kept_image_tokens"] == 64
     text_tokens = record["prompt_tokens"] - 196
     assert set(record["kv_cache_tokens"]) == {text_tokens + 64 + len(record["token_ids"]) - 1}
+
+
+def test_the_demo_warns_about_pruning_only_where_it_prunes_an_image(demo_home, image_path, capsys):
+    assert edgecm_cli.main(["run", "--image", str(image_path), "-q", "What is shown?", "--max-new-tokens", "2",
+                            "--mode", "dense"]) == 0
+    err = capsys.readouterr().err
+    assert "world of coloured shapes" in err and "token pruning" not in err
+    assert edgecm_cli.main(["run", "-q", "Hello", "--max-new-tokens", "2"]) == 0
+    assert "token pruning" not in capsys.readouterr().err
