@@ -44,7 +44,7 @@ from edgecm import scenes  # noqa: E402
 from edgecm.corematching import core_neurons, knee_keep, match_scores, token_core_frequency, top_count  # noqa: E402
 from edgecm.sparsity import NeuronBudget, SparsitySettings, TokenRule  # noqa: E402
 from token_fidelity import held_out_questions, machine  # noqa: E402
-from train_demo_vision import PATCH, PATCH_COVER, patch_cover  # noqa: E402
+from train_demo_vision import IMAGE_TOKENS, PATCH, PATCH_COVER, patch_cover  # noqa: E402
 
 COUNTED_OVER = ("every prompt token (the specification)", "text tokens only", "image tokens only")
 
@@ -166,7 +166,7 @@ def main() -> int:
             print(f"{len(rows)}/{args.scenes} scenes, {time.time() - started:.0f} s", file=sys.stderr, flush=True)
 
     summary = summarise(rows, [n for n, _ in rules], ks)
-    record = {"machine": machine(), "scenes": len(rows), "count": args.count,
+    record = {"machine": machine(), "scenes": len(rows), "count": args.count, "prune_layer": default.prune_layer,
               "command": "python3 bench/token_placement.py " + " ".join(sys.argv[1:]),
               "seconds": round(time.time() - started, 1), "summary": summary, "scenes_detail": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -179,7 +179,7 @@ def main() -> int:
 
 def summarise(rows: list[dict], rule_names: list[str], ks: list[int]) -> dict:
     return {
-        "object_patch_share": mean(r["object_patches"] / 196 for r in rows),
+        "object_patch_share": mean(r["object_patches"] / IMAGE_TOKENS for r in rows),
         "score_mismatches": sum(r["score_mismatches"] for r in rows),
         "rules": {name: {metric: mean(r["rules"][name][metric] for r in rows) for metric in rows[0]["rules"][name]}
                   for name in rule_names},
@@ -191,7 +191,7 @@ def summarise(rows: list[dict], rule_names: list[str], ks: list[int]) -> dict:
 
 
 def markdown(record: dict) -> str:
-    s, n = record["summary"], record["count"]
+    s, n, k = record["summary"], record["count"], record["prune_layer"]
 
     def pct(v):
         return f"{100 * v:.1f}"
@@ -199,9 +199,9 @@ def markdown(record: dict) -> str:
     lines = [
         f"# Where kept image tokens fall (demo, {record['scenes']} held-out scenes)", "",
         f"`{record['command']}`; {record['machine']}. Object patches are {pct(s['object_patch_share'])} % of the "
-        f"196 image tokens on average (a patch is an object's when the object covers at least {PATCH_COVER:.0%} "
+        f"{IMAGE_TOKENS} image tokens on average (a patch is an object's when the object covers at least {PATCH_COVER:.0%} "
         f"of it).", "",
-        "## The engine's selections (K = 2, every FFN neuron)", "",
+        f"## The engine's selections (K = {k}, every FFN neuron)", "",
         "| rule | kept | object patches kept (recall) % | kept that are object patches % | objects with a patch kept % |",
         "|---|---|---|---|---|",
     ]
@@ -211,15 +211,15 @@ def markdown(record: dict) -> str:
     lines += [
         "", f"## The core score, recomputed: object share among the {n} highest and the {n} lowest scores", "",
         f"score(i) = |G(i) ∩ Core(K)|, read at layer K-1, with Core(K) counted over the tokens named. "
-        f"Only the first is what the engine does; at K = 2 these scores differ from the engine's on "
-        f"{s['score_mismatches']} of {196 * record['scenes']} image tokens. The other two are diagnostics. "
+        f"Only the first is what the engine does; at K = {k} these scores differ from the engine's on "
+        f"{s['score_mismatches']} of {IMAGE_TOKENS * record['scenes']} image tokens. The other two are diagnostics. "
         f"Chance is the object patch share above.", "",
         f"| K | Core(K) counted over | top {n} object share % | bottom {n} object share % | knee object recall % |",
         "|---|---|---|---|---|",
     ]
-    for k, by_set in s["diagnostic"].items():
+    for layer, by_set in s["diagnostic"].items():
         for name, m in by_set.items():
-            lines.append(f"| {k} | {name} | {pct(m['top_object_share'])} | {pct(m['bottom_object_share'])} | "
+            lines.append(f"| {layer} | {name} | {pct(m['top_object_share'])} | {pct(m['bottom_object_share'])} | "
                          f"{pct(m['knee_object_recall'])} |")
     return "\n".join(lines) + "\n"
 
