@@ -441,6 +441,15 @@ class Loaded:
     generation: Any
 
 
+def demo_pruning_notice(model_name: str, sparsity) -> str | None:
+    """What to tell a user whose images the demo is about to prune, or None where it does not prune."""
+    if model_name != "demo" or not sparsity.prunes_tokens:
+        return None
+    from edgecm.demo import DEMO_PRUNING_NOTICE
+
+    return DEMO_PRUNING_NOTICE
+
+
 def load_model(args: argparse.Namespace) -> Loaded:
     from edgecm.prompt import PromptBuilder
     from edgecm.sampling import SamplingSettings
@@ -452,11 +461,9 @@ def load_model(args: argparse.Namespace) -> Loaded:
     calibration = load_calibration(checkpoint.path)
     sparsity = sparsity_from_flags(args, calibration)
     sparsity.check_layers(checkpoint.config.text.num_layers)  # only config.json has been read so far
-    sees_images = any(getattr(args, name, None) for name in ("image", "video", "inputs"))
-    if model_name == "demo" and sparsity.prunes_tokens and sees_images:
-        from edgecm.demo import DEMO_PRUNING_NOTICE
-
-        print(f"edgecm: {DEMO_PRUNING_NOTICE}", file=sys.stderr)
+    notice = demo_pruning_notice(model_name, sparsity)
+    if notice and any(getattr(args, name, None) for name in ("image", "video", "inputs")):
+        print(f"edgecm: {notice}", file=sys.stderr)
     generation = GenerationSettings(
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingSettings(temperature=args.temperature, top_p=args.top_p, seed=args.seed),

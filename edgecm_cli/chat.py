@@ -109,6 +109,15 @@ class Chat:
             return
         self.image_path, self.image_turn = path, None  # goes with the next message
         self.console.print(f"[dim]image attached: {path}; your next message re-runs prefill with it[/]")
+        self.warn_if_pruned()
+
+    def warn_if_pruned(self) -> None:
+        """The demo's pruning notice, for an image attached inside the chat (the CLI gives it at start-up)."""
+        from edgecm_cli import demo_pruning_notice
+
+        notice = demo_pruning_notice(self.loaded.model_name, self.loaded.sparsity)
+        if notice:
+            self.console.print(f"[yellow]{notice}[/]")
 
     def attach_video(self, path: str) -> None:
         from edgecm.video import VideoOptions, read_video

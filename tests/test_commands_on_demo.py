@@ -48,3 +48,22 @@ def test_the_demo_warns_about_pruning_only_where_it_prunes_an_image(demo_home, i
     assert "world of coloured shapes" in err and "token pruning" not in err
     assert edgecm_cli.main(["run", "-q", "Hello", "--max-new-tokens", "2"]) == 0
     assert "token pruning" not in capsys.readouterr().err
+
+
+def test_chat_warns_about_pruning_an_image_attached_later(demo_home, image_path):
+    import io
+
+    from rich.console import Console
+
+    from edgecm_cli.chat import Chat
+
+    def attach(*flags: str) -> str:
+        args = edgecm_cli.build_parser().parse_args(["chat", "--max-new-tokens", "2", *flags])
+        out = io.StringIO()
+        Chat(edgecm_cli.load_model(args), Console(file=out, width=400)).command(f"/image {image_path}")
+        return out.getvalue()
+
+    pruned = attach()
+    assert "image attached" in pruned and "token pruning keeps background" in pruned
+    dense = attach("--mode", "dense")
+    assert "image attached" in dense and "token pruning" not in dense
