@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -64,3 +67,29 @@ def test_answers_are_compared_as_a_person_would():
     assert scenes.answer_is_correct(caption, "A blue square and a red circle.")
     assert not scenes.answer_is_correct(caption, "a red circle.")
     assert not scenes.answer_is_correct(caption, "a red circle, a blue square and a blue square.")
+
+
+def _training_conversations():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "train_demo_vision.py"
+    spec = importlib.util.spec_from_file_location("train_demo_vision", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.conversation
+
+
+def test_training_conversations_open_with_the_caption_when_asked_to():
+    conversation = _training_conversations()
+    scene = scenes.make_scene(7)
+    others = sorted(q.text for q in scene.questions() if q.kind != "caption")
+    for seed in range(20):
+        chat = conversation(scene, random.Random(seed), caption_first=1.0)
+        assert chat[0].kind == "caption" and chat[0].text in scenes.CAPTION_PROMPTS
+        assert chat[0].answer == scene.caption
+        assert sorted(q.text for q in chat[1:]) == others  # every other question follows, once
+    # Without the option the caption is in about half the conversations, at any turn.
+    plain = [conversation(scene, random.Random(seed)) for seed in range(200)]
+    with_caption = [c for c in plain if any(q.kind == "caption" for q in c)]
+    assert 70 < len(with_caption) < 130
+    assert sum(c[0].kind == "caption" for c in with_caption) < len(with_caption) / 2
