@@ -1,6 +1,6 @@
 """Captioning on Ray against one plain process: images/s on the demo, and Ray's own cost per image.
 
-    python3 bench/ray_caption.py [--demo-images 12,36] [--tiny-images 16,64]
+    python3 bench/ray_caption.py [--demo-images 12,36] [--tiny-images 16,256]
 
 A two-CPU Ray head is started here (``ray start --head --num-cpus 2``) and
 stopped at the end. Every run is the real command, ``edgecm caption`` with or
@@ -81,12 +81,17 @@ def fit(sizes: list[int], seconds: list[float]) -> tuple[float, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--demo-images", default="12,36")
-    ap.add_argument("--tiny-images", default="16,64")
+    # Far apart: on the tiny model an image costs milliseconds, so nearer sizes differ by less than the noise.
+    ap.add_argument("--tiny-images", default="16,256")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
     from tiny import tiny_llava
 
+    from edgecm.demo import demo_checkpoint_dir
+
+    # Built here, untimed: new vision weights build a new demo on first use, which is not captioning's cost.
+    demo_checkpoint_dir()
     work = Path(tempfile.mkdtemp(prefix="edgecm-ray-bench."))
     tiny_dir = work / "tiny"
     tiny_llava(tiny_dir, gqa=True, tied=False, layout="v5", sharded=False, chat_template=True)
@@ -138,9 +143,11 @@ def main() -> int:
                   "Ray overhead per image |", "|---|---|---|---|---|---|"]
         for r in model["rows"]:
             overhead = r.get("ray_overhead_per_image_s")
+            # A slope at or below zero means the larger corpus did not take longer: noise, not a rate.
+            steady = r["images_per_s_steady"]
             lines.append(f"| {r['config']} | {' / '.join(map(str, r['sizes']))} | "
                          f"{' / '.join(f'{t:.1f}' for t in r['seconds'])} | "
-                         f"{r['images_per_s_steady'] or 0:.2f} | {r['fixed_s']:.1f} | "
+                         f"{'under the noise' if steady is None else f'{steady:.2f}'} | {r['fixed_s']:.1f} | "
                          f"{'-' if overhead is None else f'{overhead * 1000:+.0f} ms'} |")
         lines.append("")
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
