@@ -44,9 +44,10 @@ skipped) and appends to --log, so a run can be stopped and taken further; the
 saves every --save-every steps are what make that safe. Seeds follow on from
 the last scene the log records, so a resumed run never repeats a scene.
 
-The shipped weights are this script's default run followed by two resumed
-ones with ``--drop-background`` (0.8 for 200 steps, then 0.3 for 500); the
-README's "The demo model" gives the three commands and their times.
+The shipped weights are this script's default run followed by three resumed
+ones with ``--drop-background`` (0.8 for 200 steps, then 0.3 for 500, then 0.3
+for 600 with ``--caption-first 0.5``); the README's "The demo model" gives the
+four commands and their times.
 """
 
 from __future__ import annotations
