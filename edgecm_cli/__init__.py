@@ -595,6 +595,15 @@ def result_record(loaded: Loaded, result, text: str) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from edgecm_cli.interrupt import noting_interrupts
+
+    with noting_interrupts():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from edgecm_cli.interrupt import is_interrupt
+
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -609,11 +618,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except EdgecmError as exc:
             print(f"edgecm: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-    except KeyboardInterrupt:  # during imports, loading, prefill or decode alike
-        print("\nedgecm: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except BrokenPipeError:
         return quiet_broken_pipe()
+    except BaseException as exc:  # Ctrl-C during imports, loading, prefill or decode alike
+        if not is_interrupt(exc):
+            raise
+        print("\nedgecm: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def quiet_broken_pipe() -> int:

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from edgecm.errors import EdgecmError
+from edgecm_cli.interrupt import is_interrupt
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 LIST_SUFFIXES = {".txt", ".lst"}
@@ -257,7 +258,9 @@ def _caption(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
                 writer.write(record)
                 written += 1
                 progress.update(task, advance=1, rate=written / (time.perf_counter() - started))
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not is_interrupt(exc):
+            raise
         print(
             f"edgecm: interrupted after {written} of {len(todo)} images; every finished line is saved in {out}; "
             f"run the same command again to resume",
@@ -315,7 +318,9 @@ def _caption_ray(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
                 writer.write(record)
                 written += 1
                 progress.update(task, advance=1, rate=written / (time.perf_counter() - started), errors=errors)
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not is_interrupt(exc):
+            raise
         print(f"edgecm: interrupted after {written} of {len(todo)} images; every finished line is saved in {out}; "
               f"run the same command again to resume", file=sys.stderr)
         return 130

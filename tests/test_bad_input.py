@@ -261,3 +261,27 @@ def test_show_out_that_cannot_be_written_is_refused_before_the_model_loads(image
                   "--out", str(out), "--tokens", "count:2")
     assert done.returncode == 2
     assert ("is a folder" if where == "folder" else "writable folder") in one_error_line(done.stderr)
+
+
+def test_an_error_raised_in_place_of_ctrl_c_still_reads_as_ctrl_c():
+    """Some torch C functions report a KeyboardInterrupt that lands inside them as another error."""
+    import os
+    import signal
+
+    from edgecm_cli.interrupt import is_interrupt, noting_interrupts
+
+    def torch_like():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(10**6):  # the handler runs at the next bytecode boundary
+                pass
+        except KeyboardInterrupt:
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'")
+
+    with noting_interrupts():
+        assert not is_interrupt(ValueError("a real bug"))
+        with pytest.raises(ValueError) as caught:
+            torch_like()
+        assert is_interrupt(caught.value)
+    with noting_interrupts():  # each command starts afresh
+        assert not is_interrupt(ValueError("a real bug"))
