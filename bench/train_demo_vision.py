@@ -180,12 +180,12 @@ def conversation(scene: scenes.Scene, rng: random.Random, caption_first: float =
     option existed, so earlier runs replay exactly."""
     questions = scene.questions()
     chosen = [q for q in questions if q.kind != "caption"]
+    caption = next(q for q in questions if q.kind == "caption")
+    # The draws stay in the order each branch has always made them (shuffle, then phrasing; or the reverse).
     if caption_first > 0 and rng.random() < caption_first:
-        caption = next(q for q in questions if q.kind == "caption")
         rng.shuffle(chosen)
         return [replace(caption, text=rng.choice(scenes.CAPTION_PROMPTS))] + chosen
     if rng.random() < 0.5:
-        caption = next(q for q in questions if q.kind == "caption")
         chosen.append(replace(caption, text=rng.choice(scenes.CAPTION_PROMPTS)))
     rng.shuffle(chosen)
     return chosen
