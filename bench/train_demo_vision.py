@@ -44,6 +44,12 @@ skipped) and appends to --log, so a run can be stopped and taken further; the
 saves every --save-every steps are what make that safe. Seeds follow on from
 the last scene the log records, so a resumed run never repeats a scene.
 
+``--caption-order reading`` trains captions that name the objects in reading
+order (row band by row band, see scenes.CAPTION_ORDERS) instead of left to
+right: the order in which LLaVA's row-major image tokens first show them, so
+the next object to name is the next one the sequence holds rather than the
+next one by a coordinate the language model must read off each token.
+
 The shipped weights are this script's default run followed by three resumed
 ones with ``--drop-background`` (0.8 for 200 steps, then 0.3 for 500, then 0.3
 for 600 with ``--caption-first 0.5``); the README's "The demo model" gives the
@@ -164,7 +170,8 @@ def warm_up_tower(model, args, log) -> None:
     args.next_seed = seed
 
 
-def conversation(scene: scenes.Scene, rng: random.Random, caption_first: float = 0.0) -> list[scenes.Question]:
+def conversation(scene: scenes.Scene, rng: random.Random, caption_first: float = 0.0,
+                 caption_order: str = "left-to-right") -> list[scenes.Question]:
     """Every question the scene has, in random order, the caption (in one of its phrasings) in about half.
 
     Every question rather than one of each kind: the image is paid for once per
@@ -177,10 +184,14 @@ def conversation(scene: scenes.Scene, rng: random.Random, caption_first: float =
     turn in about one conversation in twenty, yet a caption is nearly always
     asked first and alone (`edgecm run`, `edgecm caption`), where no earlier
     answer has named an object. At 0 the draws are the same as before the
-    option existed, so earlier runs replay exactly."""
+    option existed, so earlier runs replay exactly.
+
+    ``caption_order`` is the order the caption names the objects in (see
+    scenes.CAPTION_ORDERS); it changes the answer only, never a draw."""
     questions = scene.questions()
     chosen = [q for q in questions if q.kind != "caption"]
     caption = next(q for q in questions if q.kind == "caption")
+    caption = replace(caption, answer=scenes.caption_of(scene.objects, caption_order))
     # The draws stay in the order each branch has always made them (shuffle, then phrasing; or the reverse).
     if caption_first > 0 and rng.random() < caption_first:
         rng.shuffle(chosen)
@@ -236,14 +247,16 @@ def initial_table(tokenizer, embeddings: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows).float()
 
 
-def answer_loss(model, tokenizer, scene, rng, image_rows, keep=None, caption_first=0.0) -> tuple[torch.Tensor, int]:
+def answer_loss(model, tokenizer, scene, rng, image_rows, keep=None, caption_first=0.0,
+                caption_order="left-to-right") -> tuple[torch.Tensor, int]:
     """Cross-entropy on the answer tokens of one conversation about ``scene``, its image tokens given.
 
     ``keep`` (bool, one per image token) leaves the other image tokens out of the
     sequence while every token keeps its position, as token pruning does."""
     cfg = model.config
     lm = model.model.language_model
-    ids, labels = encode_conversation(tokenizer, cfg.image_token_id, IMAGE_TOKENS, conversation(scene, rng, caption_first))
+    chat = conversation(scene, rng, caption_first, caption_order)
+    ids, labels = encode_conversation(tokenizer, cfg.image_token_id, IMAGE_TOKENS, chat)
     x = lm.embed_tokens(ids[None]).clone()
     is_image = ids == cfg.image_token_id
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -344,7 +357,8 @@ def train_language_stage(model, tokenizer, args, log) -> None:
             scene = scenes.make_scene(seed)
             seed += 1
             keep = background_dropout(scene, rng, args.drop_background) if args.drop_background > 0 else None
-            loss, n = answer_loss(model, tokenizer, scene, rng, lambda: image_rows(scene), keep, args.caption_first)
+            loss, n = answer_loss(model, tokenizer, scene, rng, lambda: image_rows(scene), keep,
+                                   args.caption_first, args.caption_order)
             (loss / args.accumulate).backward()
             total += loss.item()
             answered += n
@@ -438,6 +452,8 @@ def main() -> int:
                     help="stage 4: leave out up to this share of background image tokens per conversation")
     ap.add_argument("--caption-first", type=float, default=0.0,
                     help="stage 4: share of conversations that open with the caption (see conversation())")
+    ap.add_argument("--caption-order", choices=scenes.CAPTION_ORDERS, default="left-to-right",
+                    help="stage 4: the order captions name objects in (see scenes.CAPTION_ORDERS)")
     ap.add_argument("--warmup-steps", type=int, default=600, help="tower warm-up steps (stage 1)")
     ap.add_argument("--warmup-batch", type=int, default=16)
     ap.add_argument("--warmup-lr", type=float, default=1e-3)

@@ -93,3 +93,29 @@ def test_training_conversations_open_with_the_caption_when_asked_to():
     with_caption = [c for c in plain if any(q.kind == "caption" for q in c)]
     assert 70 < len(with_caption) < 130
     assert sum(c[0].kind == "caption" for c in with_caption) < len(with_caption) / 2
+
+
+def test_reading_order_names_objects_row_band_by_row_band_then_left_to_right():
+    def obj(colour, cx, cy):
+        return scenes.SceneObject("circle", colour, "small", cx, cy)
+
+    # Red is rightmost but its top edge lies in the first 16-pixel row band; blue and green share a band.
+    objects = (obj("green", 150, 120), obj("red", 200, 20), obj("blue", 30, 118))
+    assert scenes.caption_of(objects) == "a blue circle, a green circle and a red circle."
+    assert scenes.caption_of(objects, "reading") == "a red circle, a blue circle and a green circle."
+    with pytest.raises(ValueError, match="caption order 'diagonal'"):
+        scenes.caption_of(objects, "diagonal")
+
+
+def test_the_training_caption_order_changes_the_answer_and_no_draw():
+    conversation = _training_conversations()
+    scene = next(s for s in map(scenes.make_scene, range(100))
+                 if scenes.caption_of(s.objects, "reading") != s.caption)
+    for seed in range(10):
+        plain = conversation(scene, random.Random(seed), caption_first=0.5)
+        reading = conversation(scene, random.Random(seed), caption_first=0.5, caption_order="reading")
+        assert [q.text for q in plain] == [q.text for q in reading]
+        assert [q.answer if q.kind != "caption" else scene.caption for q in reading] == [q.answer for q in plain]
+        for q in reading:
+            if q.kind == "caption":
+                assert q.answer == scenes.caption_of(scene.objects, "reading") != scene.caption
