@@ -52,8 +52,8 @@ next one by a coordinate the language model must read off each token.
 
 The shipped weights are this script's default run followed by three resumed
 ones with ``--drop-background`` (0.8 for 200 steps, then 0.3 for 500, then 0.3
-for 600 with ``--caption-first 0.5``); the README's "The demo model" gives the
-four commands and their times.
+for 600 with ``--caption-first 0.5 --caption-order reading``); the README's
+"The demo model" gives the four commands and their times.
 """
 
 from __future__ import annotations
