@@ -41,12 +41,17 @@ HELD_OUT_SEED_START = 10_000_000
 # is neither clearly left nor clearly right (top, bottom): no position question is asked.
 POSITION_MARGIN = 0.12
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
-# Orders a caption can name its objects in. Left to right is the world's own;
-# reading order (by the row of 16-pixel patches an object's top edge lies in,
-# then left to right) follows the order in which LLaVA's row-major image tokens
-# first show each object. Scoring ignores the order (answer_is_correct).
-CAPTION_ORDERS = ("left-to-right", "reading")
 READING_ROW = 16
+# Orders a caption can name its objects in, as sort keys. Left to right is the
+# world's own; reading order (by the row of 16-pixel patches an object's top
+# edge lies in, then left to right) follows the order in which LLaVA's
+# row-major image tokens first show each object. Scoring ignores the order
+# (answer_is_correct).
+_CAPTION_KEYS = {
+    "left-to-right": lambda o: (o.cx, o.cy),
+    "reading": lambda o: ((o.cy - o.extent / 2) // READING_ROW, o.cx),
+}
+CAPTION_ORDERS = tuple(_CAPTION_KEYS)
 
 QUESTION_KINDS = ("colour", "shape", "count", "position", "presence", "caption")
 # Ways to ask for a caption: the first is the one evaluated; the second is `edgecm caption`'s default prompt.
@@ -110,13 +115,9 @@ def with_article(name: str) -> str:
 
 def caption_of(objects: tuple[SceneObject, ...], order: str = "left-to-right") -> str:
     """'a red circle, a blue square and an orange triangle.', objects named in ``order`` (CAPTION_ORDERS)."""
-    if order == "left-to-right":
-        key = lambda o: (o.cx, o.cy)  # noqa: E731
-    elif order == "reading":
-        key = lambda o: ((o.cy - o.extent / 2) // READING_ROW, o.cx)  # noqa: E731
-    else:
+    if order not in _CAPTION_KEYS:
         raise ValueError(f"caption order {order!r}: use one of {', '.join(CAPTION_ORDERS)}")
-    names = [with_article(o.name) for o in sorted(objects, key=key)]
+    names = [with_article(o.name) for o in sorted(objects, key=_CAPTION_KEYS[order])]
     text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return text + "."
 
