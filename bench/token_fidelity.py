@@ -1,11 +1,13 @@
 """Token-pruning fidelity on held-out scenes of the shapes world (the paper's Table 2, on the demo).
 
-    python3 bench/token_fidelity.py [--scenes 300] [--per-scene 2] [--counts 64,32,16] [--model DIR]
+    python3 bench/token_fidelity.py [--scenes 300] [--first-scene 0] [--per-scene 2] [--counts 64,32,16] [--model DIR]
 
 Each held-out scene (seeds from edgecm.scenes.HELD_OUT_SEED_START, never
 used in training) is asked ``--per-scene`` questions, the kinds taken in
-rotation so that every kind is asked about equally often. Every question is
-answered greedily under each variant:
+rotation so that every kind is asked about equally often. ``--first-scene``
+skips that many held-out scenes, so that candidate weights can be compared
+on a range apart from the reported one (from 0). Every question is answered
+greedily under each variant:
 
 - dense: no pruning at all;
 - core at the knee (the CoreMatching default token rule), with its mean kept count;
@@ -64,12 +66,15 @@ def variants(counts: list[int]) -> list[tuple[str, SparsitySettings]]:
     return out
 
 
-def held_out_questions(n_scenes: int, per_scene: int) -> list[tuple[scenes.Scene, scenes.Question]]:
-    """``per_scene`` questions for each held-out scene, kinds in rotation (the next kind the scene has)."""
+def held_out_questions(n_scenes: int, per_scene: int, first: int = 0) -> list[tuple[scenes.Scene, scenes.Question]]:
+    """``per_scene`` questions for each held-out scene from the ``first``-th on, kinds in rotation.
+
+    Each question is of the next kind in the rotation that the scene has.
+    """
     picked = []
     turn = 0
     for i in range(n_scenes):
-        scene = scenes.make_scene(scenes.HELD_OUT_SEED_START + i)
+        scene = scenes.make_scene(scenes.HELD_OUT_SEED_START + first + i)
         by_kind: dict[str, list[scenes.Question]] = {}
         for q in scene.questions():
             by_kind.setdefault(q.kind, []).append(q)
@@ -91,6 +96,8 @@ def machine() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scenes", type=int, default=300)
+    ap.add_argument("--first-scene", type=int, default=0,
+                    help="skip this many held-out scenes (a validation range apart from the reported one)")
     ap.add_argument("--per-scene", type=int, default=1)
     ap.add_argument("--counts", default="64,32,16", help="kept image-token counts, comma-separated")
     ap.add_argument("--model", default=None, help="a checkpoint directory (default: the demo)")
@@ -113,7 +120,9 @@ def main() -> int:
     if args.only:
         names = {n.strip() for n in args.only.split(";")}  # names hold commas ("core knee, early KV kept")
         chosen = [(n, s) for n, s in chosen if n in names]
-    questions = held_out_questions(args.scenes, args.per_scene)
+    if args.first_scene < 0:
+        ap.error(f"--first-scene must be 0 or more, got {args.first_scene}")
+    questions = held_out_questions(args.scenes, args.per_scene, args.first_scene)
     rows: list[dict] = []
     started = time.time()
     for qi, (scene, question) in enumerate(questions):
@@ -133,8 +142,8 @@ def main() -> int:
             print(f"{qi + 1}/{len(questions)} questions, {time.time() - started:.0f} s", file=sys.stderr, flush=True)
     summary = summarise(rows, [n for n, _ in chosen])
     record = {"machine": machine(), "model": str(args.model or "demo"), "scenes": args.scenes,
-              "questions": len(questions), "seconds": round(time.time() - started, 1), "summary": summary,
-              "answers": rows}
+              "first_seed": scenes.HELD_OUT_SEED_START + args.first_scene, "questions": len(questions),
+              "seconds": round(time.time() - started, 1), "summary": summary, "answers": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
     table = markdown(summary, record)
@@ -164,7 +173,8 @@ def markdown(summary: list[dict], record: dict) -> str:
 
     image_tokens = record["answers"][0]["image_tokens"] if record["answers"] else 0
     lines = [
-        f"Token-pruning fidelity on {record['scenes']} held-out scenes ({record['questions']} questions), "
+        f"Token-pruning fidelity on {record['scenes']} held-out scenes (seeds from {record['first_seed']}; "
+        f"{record['questions']} questions), "
         f"model {record['model']}, {image_tokens} image tokens per image; {record['machine']}. "
         f"Exact-answer accuracy in %; kept = mean image tokens kept from layer K on (K = 2: layers 0 and 1 see "
         f"every token; sparsevlm: after its last stage, aggregates included); prefill s includes the vision tower.",

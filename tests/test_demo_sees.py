@@ -64,12 +64,13 @@ def test_the_demo_names_colours_shapes_and_whole_scenes_far_above_chance_in_dens
 def test_the_token_fidelity_bench_runs_end_to_end(demo_home, tmp_path):
     out = tmp_path / "fidelity"
     subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "token_fidelity.py"), "--scenes", "2", "--per-scene", "1",
-         "--counts", "16", "--only", "dense;core 16;fastv 16;random 16", "--out", str(out)],
+        [sys.executable, str(ROOT / "bench" / "token_fidelity.py"), "--scenes", "2", "--first-scene", "5",
+         "--per-scene", "1", "--counts", "16", "--only", "dense;core 16;fastv 16;random 16", "--out", str(out)],
         check=True, capture_output=True, text=True, timeout=600,
     )
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["questions"] == 2 and len(record["answers"]) == 8
+    assert {r["seed"] for r in record["answers"]} == {scenes.HELD_OUT_SEED_START + 5, scenes.HELD_OUT_SEED_START + 6}
     kept = {r["variant"]: r["kept_image_tokens"] for r in record["answers"]}
     assert kept["dense"] == 196 and kept["core 16"] == kept["fastv 16"] == kept["random 16"] == 16
     assert "| core 16 |" in out.with_suffix(".md").read_text()
