@@ -118,8 +118,9 @@ class LayerWeights:
         def move(t):
             if not isinstance(t, torch.Tensor):
                 return t  # a quantised matrix is already its own memory
-            if pin:
-                return t.to("cpu", copy=True).pin_memory()
+            if pin:  # straight into page-locked memory, with no pageable copy in between
+                pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                return pinned.copy_(t)
             return t.to(device, copy=True)
 
         return replace(self, **{f.name: move(t) for f in fields(self) if (t := getattr(self, f.name)) is not None})

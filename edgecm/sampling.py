@@ -14,8 +14,18 @@ class SamplingSettings:
     seed: int = 0
 
 
+def seeded_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """The random stream sampling draws from, on ``device``: the device of the logits it will sample.
+
+    torch.multinomial takes a generator only of its input's device (a CPU
+    generator with CUDA probabilities raises), so each loop makes its
+    generator where its logits are.
+    """
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def next_token(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None) -> int:
-    """logits: (V,) for the last position."""
+    """logits: (V,) for the last position; ``generator`` lives on the logits' device (``seeded_generator``)."""
     if settings.temperature <= 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / settings.temperature, dim=-1)

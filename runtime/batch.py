@@ -42,7 +42,7 @@ from edgecm.errors import EdgecmError
 from edgecm.kv_cache import PAD_ORDER, KVCache
 from edgecm.model import decoder_layer
 from edgecm.prompt import Prompt
-from edgecm.sampling import next_token
+from edgecm.sampling import next_token, seeded_generator
 from edgecm.sparsity import DENSE, SparsitySettings
 from edgecm.token_pruning import Rows, TokenPruner
 from runtime.budget import out_of_memory_message
@@ -239,7 +239,7 @@ def _per_sequence(probes: list, lengths: list[int]):
 def _decode(engine, rows, logits, per_sequence, stop_token_ids, cache, placement, collect_logits, forced) -> list[dict]:
     """Decode steps for all live sequences together; a sequence that stops leaves the batch."""
     count = len(rows)
-    generators = [torch.Generator().manual_seed(s.sampling.seed) for s in per_sequence]
+    generators = [seeded_generator(s.sampling.seed, engine.device) for s in per_sequence]  # where the logits are
     positions = [engine.family.next_position(engine.config, r.prompt) for r in rows]
     indices = [r.prompt.num_tokens for r in rows]
     done: list[dict | None] = [None] * count

@@ -28,7 +28,7 @@ from edgecm.model import LayerWeights, decoder_layer, rms_norm
 from edgecm.prompt import Prompt
 from edgecm.quant import check_supported, linear
 from edgecm.rope import Rotary
-from edgecm.sampling import SamplingSettings, next_token
+from edgecm.sampling import SamplingSettings, next_token, seeded_generator
 from edgecm.sparsity import DENSE, SparsitySettings
 from edgecm.sparsevlm import stage_layers
 from edgecm.token_pruning import TEXT, Rows, TokenPruner
@@ -406,7 +406,7 @@ class Engine:
         fixed_neurons=None,
     ) -> GenerationResult:
         spans = Spans(self.device)
-        generator = torch.Generator().manual_seed(settings.sampling.seed)
+        generator = seeded_generator(settings.sampling.seed, self.device)  # where head() puts the logits
         cache = KVCache(self.text.num_layers, reserve_tokens=settings.max_new_tokens)
         self.streamer.reset_counters()
         self.timer = LayerTimer(self.device)

@@ -123,17 +123,23 @@ class LayerStreamer:
             state = self.checkpoint.read_layer(index)
             record["bytes_read"] = self.checkpoint.layer_nbytes(index)
         offsets, elements = _layout({name: t.shape for name, t in state.items()})
-        slot.reserve(elements)
         if self._copy_stream is None:
+            slot.reserve(elements)
             views = _views(slot.buffer, offsets)
             for name, tensor in state.items():
                 views[name].copy_(tensor)  # from the memory map, converting to the compute dtype
         else:
             if slot.copied is not None:
-                slot.copied.synchronize()  # the previous copy out of this pinned buffer is done
-            host = _views(slot.pinned, offsets)
-            for name, tensor in state.items():
-                host[name].copy_(tensor)
+                # The previous copy out of this slot's pinned buffer must be done before the buffer is
+                # written again, or given back by a reserve that grows it.
+                slot.copied.synchronize()
+            slot.reserve(elements)
+            if held is not None and all(t.is_pinned() and t.dtype == self.dtype for t in state.values()):
+                host = state  # a held slice is pinned already: copied from where it is held, not staged again
+            else:
+                host = _views(slot.pinned, offsets)
+                for name, tensor in state.items():
+                    host[name].copy_(tensor)
             views = _views(slot.buffer, offsets)
             with torch.cuda.stream(self._copy_stream):
                 if slot.released is not None:

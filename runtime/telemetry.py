@@ -135,12 +135,12 @@ def nvml_snapshot(device: torch.device) -> dict[str, object]:
         return {"available": False, "reason": "pynvml is not installed (pip install nvidia-ml-py)"}
     try:
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        handle = _nvml_handle(pynvml, device)
         name = pynvml.nvmlDeviceGetName(handle)
         memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
         snapshot: dict[str, object] = {
             "available": True,
-            "name": name.decode() if isinstance(name, bytes) else str(name),
+            "name": _text(name),
             "memory_used_bytes": int(memory.used),
             "memory_total_bytes": int(memory.total),
         }
@@ -149,12 +149,30 @@ def nvml_snapshot(device: torch.device) -> dict[str, object]:
     for key, read in (
         ("gpu_utilization_percent", lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
         ("power_watts", lambda: pynvml.nvmlDeviceGetPowerUsage(handle) / 1000),
+        ("driver_version", lambda: _text(pynvml.nvmlSystemGetDriverVersion())),
     ):
         try:  # some boards (and MIG slices) do not report these; the rest of the snapshot still stands
             snapshot[key] = read()
         except pynvml.NVMLError:
             snapshot[key] = None
     return snapshot
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)  # older pynvml returns bytes
+
+
+def _nvml_handle(pynvml, device: torch.device):
+    """NVML's handle for torch's ``device``, found by UUID: NVML numbers every GPU of the machine while torch
+    numbers only those CUDA_VISIBLE_DEVICES shows, so the two indices can name different cards."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    if uuid is not None:
+        try:
+            return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+        except pynvml.NVMLError:
+            pass  # a MIG slice or an older driver spells its UUID otherwise; fall back to the index
+    return pynvml.nvmlDeviceGetHandleByIndex(index)
 
 
 def device_memory(device: torch.device) -> dict[str, int | None]:
