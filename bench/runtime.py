@@ -421,6 +421,7 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/edgecm-bench"))
     parser.add_argument("--profile", help="device profile for the peak bandwidth (default: the detected one)")
     parser.add_argument("--only", choices=(*VLMS, "smollm2"), help="run one model only")
+    parser.add_argument("--variants", help="comma-separated subset of this device's VLM variants (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -435,6 +436,13 @@ def main() -> None:
 
     profile = load_profile(args.profile) if args.profile else detect_profile(torch.device(args.device))
     cuda = args.device == "cuda"
+    variants = VLM_VARIANTS[args.device]
+    if args.variants:
+        variants = [v.strip() for v in args.variants.split(",")]
+        unknown = [v for v in variants if v not in VLM_VARIANTS[args.device]]
+        if unknown:
+            parser.error(f"--variants {', '.join(unknown)}: not a {args.device} variant; use some of "
+                         f"{', '.join(VLM_VARIANTS[args.device])}")
     models = []
     for key, (shape_file, small, big_label, small_label) in VLMS.items():
         if args.only not in (None, key):
@@ -449,7 +457,7 @@ def main() -> None:
         model = make_random_vlm(config, args.scratch / (shape_file if cuda else f"{key}-small"), args.device)
         ids, image = vlm_inputs(config)
         image_tokens = int((ids == image["image_token_id"]).sum())
-        rows = run_rounds(VLM_VARIANTS[args.device], model, config, args)
+        rows = run_rounds(variants, model, config, args)
         baseline = "transformers offload" if cuda else "transformers"
         add_ratios(rows, baseline, profile.memory_bandwidth_gbs)
         models.append({"name": f"{shape}, random float16 weights", "baseline": baseline, "rows": rows,
