@@ -56,7 +56,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
         nvml = nvml_snapshot(device)
         name = nvml["name"] if nvml["available"] else torch.cuda.get_device_name(device)
         total = torch.cuda.get_device_properties(device).total_memory
-        reserved = total - torch.cuda.mem_get_info(device)[0]  # what is already gone before any tensor
+        torch.cuda.empty_cache()  # the measurements' buffers go back, so they do not count as reserved
+        # What is gone before any tensor of ours: the CUDA context and other processes.
+        reserved = total - torch.cuda.mem_get_info(device)[0] - torch.cuda.memory_reserved(device)
         bf16 = torch.cuda.is_bf16_supported()
         int8 = torch.cuda.get_device_capability(device) >= (7, 5)
     else:

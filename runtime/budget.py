@@ -64,7 +64,9 @@ def resolve_budget(text: str | None, device: torch.device) -> int:
 
 
 def enforce(device: torch.device, budget: int) -> None:
-    """Make the allocator refuse to go past ``budget`` bytes (CUDA); nothing to do on CPU."""
+    """Make the allocator refuse to go past ``budget`` bytes (CUDA); nothing to do on CPU.
+
+    The cap is torch's per-process memory fraction, so the engine made last sets it for the whole process."""
     if device.type != "cuda":
         return
     total = torch.cuda.get_device_properties(device).total_memory

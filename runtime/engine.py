@@ -118,8 +118,9 @@ class Engine:
         self.quant = quant
         self.profile = detect_profile(self.device)
         self.budget = resolve_budget(budget, self.device)
-        if budget is not None:
-            enforce(self.device, self.budget)
+        # Always, not only for an explicit budget: the allocator's cap is per process, and one set by an earlier
+        # engine would otherwise still bind this one below the budget it plans for.
+        enforce(self.device, self.budget)
         self.force_resident = resident
         dtype_name = _DTYPE_NAMES[self.dtype]
         self.sizes = model_sizes(self.config, dtype_name, dtype_name)

@@ -149,6 +149,10 @@ def placement_for(ray, device: str, workers: int | None) -> Placement:
         gpus = int(resources.get("GPU", 0))
         if gpus < 1:
             raise EdgecmError("--device cuda with --ray: the cluster has no GPU; use --device cpu or add GPU nodes")
+        if workers is not None and workers > gpus:
+            # Each actor holds one GPU; the actors past the cluster's GPUs would wait for one forever.
+            raise EdgecmError(f"--workers {workers}: the cluster has {gpus} GPU{'s' * (gpus != 1)} and each CUDA actor takes one; "
+                              f"use at most {gpus}")
         return Placement(actors=workers or gpus, num_cpus=1, num_gpus=1)
     actors = workers or max(1, cpus // 2)
     if actors > cpus:

@@ -31,9 +31,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A two-CPU Ray head on this machine, as `ray start --head` makes one; stopped afterwards."""
+    """A two-CPU Ray head on this machine, as `ray start --head` makes one; stopped afterwards. It declares one
+    GPU, which Ray only counts (nothing here asks for it except the placement test)."""
     port = free_port()
-    subprocess.run([RAY, "start", "--head", "--num-cpus", "2", "--port", str(port), "--include-dashboard=false",
+    subprocess.run([RAY, "start", "--head", "--num-cpus", "2", "--num-gpus", "1", "--port", str(port),
+                    "--include-dashboard=false",
                     "--disable-usage-stats"], check=True, capture_output=True, env=ENV, timeout=120)
     try:
         yield f"127.0.0.1:{port}"
@@ -134,6 +136,21 @@ def test_a_killed_driver_resumes_from_out(build_llava, cluster, images, tmp_path
     lines = records(out)
     assert len(lines) == 25 and len({r["path"] for r in lines}) == 25
     assert out.read_text().startswith(kept)  # what the first driver wrote stayed
+
+
+def test_cuda_actors_take_one_gpu_each_and_no_more_than_the_cluster_has(cluster):
+    from edgecm.errors import EdgecmError
+    from runtime.ray_captioning import connect, placement_for
+
+    ray = connect(cluster)
+    try:
+        assert placement_for(ray, "cuda", None).actors == 1
+        assert placement_for(ray, "cuda", None).num_gpus == 1
+        with pytest.raises(EdgecmError, match="--workers 2: the cluster has 1 GPU and"):
+            placement_for(ray, "cuda", 2)  # the second actor would wait for a GPU forever
+        assert placement_for(ray, "cpu", 2).num_gpus == 0
+    finally:
+        ray.shutdown()
 
 
 def test_without_ray_installed_the_flag_names_the_install_command(build_llava, images, tmp_path):
