@@ -78,6 +78,11 @@ def match_scores(h_image: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
     return (h_image[:, core] > 0).sum(dim=-1)
 
 
+def reference_match_scores(h_image_positive: torch.Tensor, reference_positive: torch.Tensor) -> torch.Tensor:
+    """core-ref: score(i) = |G(i) intersect G(r)|, from G(i) (N, F) and G(r) (F,) as booleans."""
+    return (h_image_positive & reference_positive).sum(dim=-1)
+
+
 def knee_index(sorted_desc: torch.Tensor) -> int:
     """j*: the first index of maximum perpendicular distance from the chord (first point, last point).
 
@@ -147,14 +152,17 @@ class LayerActivationStats:
     second pass over the layer and no copy of the activations is needed.
     """
 
-    def __init__(self, rho: float, image_rows: torch.Tensor | None = None, frequency: bool = True):
+    def __init__(self, rho: float, image_rows: torch.Tensor | None = None, frequency: bool = True,
+                 reference_row: int | None = None):
         self.rho = rho
         self.image_rows = image_rows  # rows of the current sequence that hold image tokens
+        self.reference_row = reference_row  # core-ref's reference text token r, where it ranks
         # f(n) costs a top-k per token; it is skipped in layers whose choice does not use it.
         self.want_frequency = frequency
         self.frequency: torch.Tensor | None = None  # (F,) f(n)
         self.mass: torch.Tensor | None = None  # (F,) sum over tokens of |h|
         self.image_positive: torch.Tensor | None = None  # (N_image, F) bool, G(i) for image tokens
+        self.reference_positive: torch.Tensor | None = None  # (F,) bool, G(r)
 
     def __call__(self, h: torch.Tensor) -> None:
         h = h[0]  # (T, F); batch size 1
@@ -163,6 +171,8 @@ class LayerActivationStats:
         self.mass = h.abs().sum(dim=0, dtype=torch.float32)
         if self.image_rows is not None:
             self.image_positive = h[self.image_rows] > 0
+        if self.reference_row is not None:
+            self.reference_positive = h[self.reference_row] > 0
 
 
 class BatchActivationStats:
@@ -173,10 +183,12 @@ class BatchActivationStats:
     sequence's, counted over every token the batch holds.
     """
 
-    def __init__(self, rho: float, lengths: list[int], image_rows: list[torch.Tensor] | None, frequency: bool):
+    def __init__(self, rho: float, lengths: list[int], image_rows: list[torch.Tensor] | None, frequency: bool,
+                 reference_rows: list[int | None] | None = None):
         self.lengths = lengths  # live rows of each sequence (a prefix of its padded row)
         rows = image_rows or [None] * len(lengths)
-        self.parts = [LayerActivationStats(rho, r, frequency) for r in rows]
+        references = reference_rows or [None] * len(lengths)
+        self.parts = [LayerActivationStats(rho, r, frequency, ref) for r, ref in zip(rows, references)]
 
     def __call__(self, h: torch.Tensor) -> None:
         for b, part in enumerate(self.parts):
@@ -209,7 +221,7 @@ def decode_neurons(stats: LayerActivationStats, settings, layer: int, width: int
 @dataclass
 class TokenSelection:
     keep: torch.Tensor  # indices into the image tokens, ascending
-    core_scores: torch.Tensor  # (N,) |G(i) intersect Core(K)| for every image token
+    core_scores: torch.Tensor  # (N,) |G(i) intersect Core(K)| for every image token (core-ref: |G(i) ∩ G(r)|)
     knee_threshold: int | None  # tau of the knee on core_scores (None for an empty image span)
     recycled: int = 0  # aggregate tokens among the kept (SparseVLM's recycling)
     stage_tokens: tuple[int, ...] = ()  # visual tokens left after each stage (SparseVLM prunes in stages)
@@ -221,19 +233,23 @@ def select_image_tokens(
     settings, stats: LayerActivationStats, fastv: torch.Tensor | None = None
 ) -> TokenSelection:
     """Apply the token rule and ranking of ``settings`` (SparsitySettings) to the image tokens, read at layer K-1."""
-    core = core_neurons(stats.frequency, settings.beta)
-    scores = match_scores(stats.image_positive, core) if stats.image_positive.numel() else torch.zeros(0, dtype=torch.long)
+    if not stats.image_positive.numel():
+        scores = torch.zeros(0, dtype=torch.long)
+    elif settings.token_rank == "core-ref":
+        scores = reference_match_scores(stats.image_positive, stats.reference_positive)
+    else:
+        scores = match_scores(stats.image_positive, core_neurons(stats.frequency, settings.beta))
     n = scores.numel()
     knee = knee_keep(scores)
     tau = int(scores[knee].min()) if knee.numel() else None
     rule = settings.tokens
     if rule.kind == "all":
         return TokenSelection(torch.arange(n), scores, tau)
-    if rule.kind == "knee" and settings.token_rank == "core":
+    if rule.kind == "knee" and settings.token_rank in ("core", "core-ref"):
         return TokenSelection(knee, scores, tau)
     fixed = rule.fixed_count(n)
     count = knee.numel() if fixed is None else fixed  # at the knee, the baselines keep as many as the knee would
-    ranking = {"core": scores, "fastv": fastv, "random": random_scores(n, settings.seed) if n else scores}[
+    ranking = {"core": scores, "core-ref": scores, "fastv": fastv, "random": random_scores(n, settings.seed) if n else scores}[
         settings.token_rank
     ]
     return TokenSelection(top_count(ranking, count), scores, tau)

@@ -39,6 +39,9 @@ class Prompt:
     video_grid_thw: torch.Tensor | None = None
     second_per_grid_ts: tuple[float, ...] | None = None
     video_token_id: int | None = None
+    # core-ref's reference token r: the first token of the assistant's header (LLaVA-1.5's ``ASSISTANT:``,
+    # ChatML's ``<|im_start|>``), the token the released CoreMatching code reads; None: the last token.
+    reference_index: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -121,11 +124,13 @@ class PromptBuilder:
         return self.render_conversation([("user", question)], 0 if with_image else None)
 
     def render_conversation(
-        self, turns: list[tuple[str, str]], image_turn: int | None, video_turn: int | None = None
+        self, turns: list[tuple[str, str]], image_turn: int | None, video_turn: int | None = None,
+        generation_prompt: bool = True,
     ) -> str:
         """A whole conversation ((role, text) pairs, ending with a user turn) as prompt text.
 
         ``image_turn`` / ``video_turn`` is the index of the user turn the image / video belongs to (None: none).
+        Without ``generation_prompt`` the text stops before the assistant's header (chat templates only).
         """
         if video_turn is not None and not self.chat_template:
             raise EdgecmError("a video prompt needs the checkpoint's chat template; copy chat_template.json beside it")
@@ -137,10 +142,35 @@ class PromptBuilder:
                         [{"type": "video"}] if i == video_turn else []
                     ) + [{"type": "text", "text": text}]
                     messages.append({"role": role, "content": content})
-                return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                return self.processor.apply_chat_template(messages, add_generation_prompt=generation_prompt,
+                                                          tokenize=False)
             messages = [{"role": role, "content": text} for role, text in turns]
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
+                                                      tokenize=False)
         return self.family.fallback_prompt(turns, image_turn, self.tokenizer.eos_token or "")
+
+    def assistant_header(self, turns: list[tuple[str, str]]) -> str | None:
+        """The text that opens the assistant's turn at the end of these turns' prompt; None for a plain
+        completion prompt, which has none."""
+        if not self.chat_template:
+            return None if self.family.plain_single_turn and len(turns) == 1 else self.family.assistant_header
+        full = self.render_conversation(turns, None)
+        before = self.render_conversation(turns, None, generation_prompt=False)
+        header = full[len(before):] if full.startswith(before) else ""
+        return header if header.strip() else None
+
+    def reference_index(self, input_ids: torch.Tensor, header: str | None) -> int | None:
+        """Where the assistant's header starts in ``input_ids`` (1, T): the latest token from which the
+        decoded tail still holds the whole header. Found by decoding, since a header's tokens depend on what
+        precedes them; None where there is no header."""
+        if header is None:
+            return None
+        ids = input_ids[0].tolist()
+        wanted = header.strip()
+        for start in range(len(ids) - 1, max(-1, len(ids) - 65), -1):
+            if wanted in self.tokenizer.decode(ids[start:], skip_special_tokens=False):
+                return start
+        return None
 
     def build(self, question: str, image=None, video=None) -> Prompt:
         """Tokenise one turn; ``image`` is a PIL image or None, ``video`` an ``edgecm.video.Video`` or None."""
@@ -184,16 +214,20 @@ class PromptBuilder:
                 second_per_grid_ts=tuple(enc["second_per_grid_ts"]), video_token_id=enc["video_token_id"],
             )
             self.family.check_prompt(self.config, prompt)
-            return prompt
+            return self._with_reference(prompt, turns)
         if image is not None:
             enc = self.processor(images=image, text=text, return_tensors="pt", add_special_tokens=add_special)
             prompt = Prompt(
                 enc["input_ids"], enc["pixel_values"], text, self.config.image_token_id, enc.get("image_grid_thw")
             )
             self.family.check_prompt(self.config, prompt)
-            return prompt
+            return self._with_reference(prompt, turns)
         enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=add_special)
-        return Prompt(enc["input_ids"], None, text, self.config.image_token_id)
+        return self._with_reference(Prompt(enc["input_ids"], None, text, self.config.image_token_id), turns)
+
+    def _with_reference(self, prompt: Prompt, turns: list[tuple[str, str]]) -> Prompt:
+        prompt.reference_index = self.reference_index(prompt.input_ids, self.assistant_header(turns))
+        return prompt
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

@@ -2,7 +2,9 @@
 
     --mode dense|corematching
     --tokens knee | all | count:N | ratio:R        how many image tokens reach layer K and after
-    --token-rank core | fastv | random | sparsevlm which ones (core matching, FastV, seeded random, SparseVLM)
+    --token-rank core | core-ref | fastv | random | sparsevlm
+                                                   which ones (core matching, the released code's criterion,
+                                                   FastV, seeded random, SparseVLM)
     --neurons beta:B | mass:S | dense              decode FFN neurons per layer
     --rho R --beta B --prune-layer K --dense-above F --dense-layers 0,1,29 --keep-early-kv
     --no-recycle --rank-scale S                  SparseVLM's recycling and rank rule
@@ -10,6 +12,10 @@
 K means what it means in FastV: layers 0..K-1 see every token, the
 ranking reads layer K-1 (its FFN activations for ``core``, its attention for
 ``fastv``), and layer K is the first that runs without the dropped tokens.
+
+``core-ref`` is the released code's criterion: score(i) = |G(i) intersect G(r)|, r one reference
+text token, the first token of the assistant's header in the chat template (``Prompt.reference_index``),
+instead of the sentence-wise core neurons; it has a knee of its own.
 
 With ``--token-rank fastv`` or ``random`` and ``--tokens knee`` the baseline
 keeps exactly as many tokens as the CoreMatching knee would, so the three
@@ -34,7 +40,7 @@ from pathlib import Path
 
 from edgecm.errors import EdgecmError
 
-TOKEN_RANKS = ("core", "fastv", "random", "sparsevlm")
+TOKEN_RANKS = ("core", "core-ref", "fastv", "random", "sparsevlm")
 MODES = ("dense", "corematching")
 CALIBRATION_FILE = "edgecm-calibration.json"
 

@@ -5,9 +5,11 @@ runtime/batch.py) hold one ``TokenPruner`` per sequence and ask it, layer by
 layer, what to observe and, after a ranking layer, which rows go on. The
 rules live here once for both loops:
 
-- ``core``, ``fastv``, ``random``: one stage. Layer K-1 is read (its FFN
-  activations, or its attention from the last prompt token); layer K is the
-  first without the dropped tokens, as in FastV.
+- ``core``, ``core-ref``, ``fastv``, ``random``: one stage. Layer K-1 is read
+  (its FFN activations, or its attention from the last prompt token); layer K
+  is the first without the dropped tokens, as in FastV. ``core-ref`` also reads
+  the activations of its reference text token r (the prompt's
+  ``reference_index``; the last prompt token where a prompt has none).
 - ``sparsevlm``: several stages at its own layers (edgecm.sparsevlm), each
   read from that layer's attention by the text raters, with recycling.
 
@@ -92,16 +94,20 @@ class TokenPruner:
     num_kv_groups: int
     image_tokens: int
     raters: torch.Tensor | None = None  # sequence indices of the SparseVLM raters
+    reference: int | None = None  # core-ref: the sequence index of the reference token r
     layers: tuple[int, ...] = ()  # layers after which this sequence is pruned
     selection: TokenSelection | None = None
     stages: list[_Stage] = field(default_factory=list)  # SparseVLM's, one per stage run
     _scores: torch.Tensor | None = None  # what the attention probe read at the current layer
 
     @classmethod
-    def start(cls, settings, num_layers: int, num_kv_groups: int, rows: Rows) -> "TokenPruner":
-        """A pruner for a sequence entering layer 0 as ``rows`` (its embedded prompt)."""
+    def start(cls, settings, num_layers: int, num_kv_groups: int, rows: Rows,
+              reference_index: int | None = None) -> "TokenPruner":
+        """A pruner for a sequence entering layer 0 as ``rows`` (its embedded prompt); ``reference_index`` is
+        core-ref's reference token (None: the last prompt token)."""
         visual = rows.visual
         pruner = cls(settings, num_layers, num_kv_groups, int(visual.numel()))
+        pruner.reference = int(rows.order[-1]) if reference_index is None else reference_index
         if not settings.prunes_tokens or not visual.numel():
             return pruner
         if settings.token_rank != "sparsevlm":
@@ -129,6 +135,13 @@ class TokenPruner:
         if self.settings.token_rank == "sparsevlm" or layer not in self.layers:
             return None
         return rows.visual
+
+    def reference_row(self, layer: int, rows: Rows) -> int | None:
+        """The row of core-ref's reference token, whose G(r) the observer must keep at ``layer``."""
+        if self.settings.token_rank != "core-ref" or layer not in self.layers:
+            return None
+        reference = torch.tensor([self.reference], device=rows.order.device)
+        return int(torch.searchsorted(rows.order, reference))
 
     def attention_probe(self, layer: int, rows: Rows) -> SequenceAttentionProbe | None:
         """What reads this layer's attention for the ranking, if the ranking needs it here."""

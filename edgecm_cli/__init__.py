@@ -34,6 +34,7 @@ def _defaults():
 
 def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
     from edgecm.quant import QUANT_KINDS
+    from edgecm.sparsity import TOKEN_RANKS
 
     from edgecm.video import VideoOptions
 
@@ -174,9 +175,10 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
         "token_rank": (
             ("--token-rank",),
             dict(
-                choices=("core", "fastv", "random", "sparsevlm"),
+                choices=TOKEN_RANKS,
                 default=sparse.token_rank,
-                help="which image tokens: core matching, or the FastV / seeded random / SparseVLM baselines at the "
+                help="which image tokens: core matching, core-ref (the released code's criterion: overlap with the "
+                "first token of the assistant's header), or the FastV / seeded random / SparseVLM baselines at the "
                 "same budget (default: %(default)s)",
             ),
         ),

@@ -195,6 +195,7 @@ def _prefill(engine, seqs: list[_Sequence], hidden: torch.Tensor, sparsity: Spar
             stats = BatchActivationStats(
                 sparsity.rho, [q.length for q in seqs], core_rows if wants_core else None,
                 frequency=wants_core or sparsity.neurons.kind == "beta",
+                reference_rows=[q.pruner.reference_row(index, q.rows) for q in seqs],
             )
         probes = [q.pruner.attention_probe(index, q.rows) for q in seqs]
         observe = _per_sequence(probes, [q.length for q in seqs]) if any(probes) else None

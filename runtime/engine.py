@@ -297,7 +297,8 @@ class Engine:
             stats = None
             if collect:
                 stats = LayerActivationStats(
-                    sparsity.rho, core_rows, frequency=core_rows is not None or sparsity.neurons.kind == "beta"
+                    sparsity.rho, core_rows, frequency=core_rows is not None or sparsity.neurons.kind == "beta",
+                    reference_row=pruner.reference_row(index, rows),
                 )
             probe = pruner.attention_probe(index, rows)
             observe_attention = None if probe is None else (lambda q, keys: probe(q[0], keys[0]))
@@ -344,7 +345,8 @@ class Engine:
         order = torch.arange(prompt.num_tokens, device=self.device)  # sequence indices: what the mask follows
         rows = Rows(hidden, positions, order, cos, sin, source)
         text = self.text
-        return rows, TokenPruner.start(sparsity, text.num_layers, text.num_heads // text.num_kv_heads, rows)
+        return rows, TokenPruner.start(sparsity, text.num_layers, text.num_heads // text.num_kv_heads, rows,
+                                       prompt.reference_index)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: (..., d) -> (..., V) logits in float32."""

@@ -34,6 +34,12 @@ def match_scores(h_image: torch.Tensor, core_set: list[int]) -> list[int]:
     return [sum(1 for n, v in enumerate(row) if v > 0 and n in chosen) for row in h_image.tolist()]
 
 
+def reference_scores(h_image: torch.Tensor, h_reference: torch.Tensor) -> list[int]:
+    """core-ref: score(i) = |G(i) intersect G(r)|, G the positive entries."""
+    reference = {n for n, v in enumerate(h_reference.tolist()) if v > 0}
+    return [sum(1 for n, v in enumerate(row) if v > 0 and n in reference) for row in h_image.tolist()]
+
+
 def knee_keep(scores: list[int]) -> list[int]:
     """Tokens with score >= tau, tau the score at the first point farthest from the chord of the sorted scores."""
     s = sorted(scores, reverse=True)

@@ -112,6 +112,36 @@ def test_core_tokens_are_chosen_from_layer_k_minus_1_by_the_spec(setup, k):
         assert spec.core_tokens(activations[other], image, settings.rho, settings.beta)[1] != scores
 
 
+def test_the_reference_token_is_the_first_of_the_assistant_header(setup):
+    engine, prompt, _ = setup
+    builder = PromptBuilder(engine.checkpoint)
+    tail = builder.tokenizer.decode(prompt.input_ids[0, prompt.reference_index:].tolist(), skip_special_tokens=False)
+    after = builder.tokenizer.decode(prompt.input_ids[0, prompt.reference_index + 1:].tolist(), skip_special_tokens=False)
+    assert tail.strip() == "ASSISTANT:" and "ASSISTANT:" not in after
+    assert prompt.reference_index < prompt.num_tokens - 1  # a header of several tokens, not the last one
+
+
+@pytest.mark.parametrize("k, tokens", [(1, "knee"), (2, "count:5")])
+def test_core_ref_ranks_by_overlap_with_the_reference_token(setup, k, tokens):
+    """The released code's criterion: |G(i) intersect G(r)| at layer K-1, r the header's first token."""
+    engine, prompt, reference = setup
+    settings = SparsitySettings(prune_layer=k, token_rank="core-ref", tokens=TokenRule.parse(tokens),
+                                neurons=NeuronBudget("dense"))
+    result = run(engine, prompt, settings)
+    h = transformers_ffn_activations(reference, prompt)[k - 1]
+    scores = spec.reference_scores(h[prompt.image_positions], h[prompt.reference_index])
+    assert result.selection.core_scores.tolist() == scores
+    if tokens == "knee":
+        assert result.selection.keep.tolist() == spec.knee_keep(scores)
+    else:  # the five largest, ties to the lower index
+        assert result.selection.keep.tolist() == sorted(sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:5])
+    # another reference token (the last one) scores differently: the reference is really read
+    assert spec.reference_scores(h[prompt.image_positions], h[-1]) != scores
+    # and it is not the sentence-wise core set's ranking
+    _, core_scores = spec.core_tokens(h, prompt.image_positions, settings.rho, settings.beta)
+    assert core_scores != scores
+
+
 @pytest.mark.parametrize("keep_early_kv", [False, True])
 def test_compacted_engine_equals_masked_dense_forward(setup, keep_early_kv):
     engine, prompt, reference = setup

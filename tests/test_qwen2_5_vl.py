@@ -175,14 +175,16 @@ def test_flat_and_nested_configs_read_the_same(build_qwen2_5_vl):
     assert load_model_config(build_qwen2_5_vl(**MODELS["published-tied-sharded"])[0]).text.tie_word_embeddings
 
 
-@pytest.mark.parametrize("tokens, rank", [("knee", "fastv"), ("count:4", "random"), ("ratio:0.5", "core")])
+@pytest.mark.parametrize("tokens, rank", [("knee", "fastv"), ("count:4", "random"), ("ratio:0.5", "core"),
+                                          ("count:5", "core-ref")])
 def test_token_rules_complete_on_qwen(loaded, tokens, rank, wide_image_path):
     engine, builder, _ = loaded("published-untied")
     prompt = make_prompt(builder, "wide", None, wide_image_path)
     settings = SparsitySettings(tokens=TokenRule.parse(tokens), token_rank=rank)
     result = engine.generate(prompt, GenerationSettings(max_new_tokens=4, stop_at_eos=False), sparsity=settings)
     n_image = prompt.image_positions.numel()
-    assert result.kept_image_tokens == {"count:4": 4, "ratio:0.5": n_image // 2}.get(tokens, result.kept_image_tokens)
+    expected = {"count:4": 4, "count:5": 5, "ratio:0.5": n_image // 2}.get(tokens, result.kept_image_tokens)
+    assert result.kept_image_tokens == expected
     assert 0 < result.kept_image_tokens < n_image
     assert set(result.kv_cache_tokens) == {prompt.num_tokens - n_image + result.kept_image_tokens + 3}
 

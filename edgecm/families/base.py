@@ -58,6 +58,8 @@ class Family:
     prefix_rules: tuple[tuple[str, str], ...] = (("model.", ""), ("", ""))
     # Without a chat template, a one-turn text prompt is the question alone (a completion prompt).
     plain_single_turn = True
+    # What opens the assistant's turn in the fallback format; its first token is core-ref's reference token.
+    assistant_header = "ASSISTANT:"
 
     # -- config -------------------------------------------------------------------------------
 
@@ -127,7 +129,7 @@ class Family:
                 parts.append("USER: " + ("<image>\n" if i == image_turn else "") + text + " ")
             else:
                 parts.append("ASSISTANT: " + text + eos)
-        return "".join(parts) + "ASSISTANT:"
+        return "".join(parts) + self.assistant_header
 
     def check_prompt(self, config: "ModelConfig", prompt: "Prompt") -> None:
         """Raise if the processor's placeholder expansion disagrees with what the encoder will give."""

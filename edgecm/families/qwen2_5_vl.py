@@ -294,6 +294,7 @@ class Qwen2_5_VLFamily(Family):
         ("", ""),
     )
     plain_single_turn = False
+    assistant_header = "<|im_start|>assistant\n"
 
     def parse_config(self, raw: dict[str, Any], hf: Any, generation_eos: Any, path: Path) -> ModelConfig:
         text_hf = hf.text_config
@@ -364,7 +365,7 @@ class Qwen2_5_VLFamily(Family):
         for i, (role, text) in enumerate(turns):
             image = "<|vision_start|><|image_pad|><|vision_end|>" if i == image_turn else ""
             parts.append(f"<|im_start|>{role}\n{image}{text}<|im_end|>\n")
-        return "".join(parts) + "<|im_start|>assistant\n"
+        return "".join(parts) + self.assistant_header
 
     def check_prompt(self, config: ModelConfig, prompt: "Prompt") -> None:
         for token, _, grids in prompt.vision_inputs():
