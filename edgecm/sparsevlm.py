@@ -55,13 +55,18 @@ RECYCLE_SHARE = 0.3  # share of a stage's dropped tokens (the most relevant, +1)
 TOKENS_PER_CLUSTER = 10  # one aggregate token per this many recycled tokens (+1)
 
 
-def stage_layers(num_layers: int) -> tuple[int, ...]:
+def stage_layers(num_layers: int, first_k: int | None = None) -> tuple[int, ...]:
     """The scoring layers of the stages for a decoder of ``num_layers``: the code's layers as depth fractions.
 
-    Rounded half up; layers that coincide on a shallow model are one stage.
+    Rounded half up; layers that coincide on a shallow model are one stage. With ``first_k`` the first
+    stage scores layer ``first_k - 1`` (so layer ``first_k`` is the first without its dropped tokens, K as
+    FastV counts it) and the later stages keep their distance from it, up to the last layer.
     """
-    return tuple(sorted({min(num_layers - 1, math.floor(layer * num_layers / PAPER_DEPTH + 0.5))
-                         for layer in PAPER_STAGE_LAYERS}))
+    published = sorted({min(num_layers - 1, math.floor(layer * num_layers / PAPER_DEPTH + 0.5))
+                        for layer in PAPER_STAGE_LAYERS})
+    if first_k is None:
+        return tuple(published)
+    return tuple(sorted({min(num_layers - 1, first_k - 1 + layer - published[0]) for layer in published}))
 
 
 def select_raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,8 @@ rankings are compared at the same budget.
 ``sparsevlm`` is a ranking too (text raters' attention instead of core
 neurons), because it shares everything else: the budgets, the KV-cache
 rule, the sparse decode. It prunes in stages at its own layers (see
-edgecm.sparsevlm), so ``--prune-layer`` does not apply to it; ``count:N`` and
+edgecm.sparsevlm), so ``--prune-layer`` does not apply to it (``--sparsevlm-k K`` moves its first stage to
+layer K-1, the later ones keeping their distance); ``count:N`` and
 ``ratio:R`` are the visual tokens left after its last stage, recycled tokens
 included, and ``knee`` (the adaptive rule) is SparseVLM's own adaptive
 count, the rank rule, at every stage. ``--no-recycle`` drops pruned tokens
@@ -39,6 +40,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from edgecm.errors import EdgecmError
+from edgecm.sparsevlm import stage_layers
 
 TOKEN_RANKS = ("core", "core-ref", "fastv", "random", "sparsevlm")
 MODES = ("dense", "corematching")
@@ -119,6 +121,9 @@ class SparsitySettings:
     # sparsevlm's rank rule: visual tokens kept per unit of rank(P) on 576 image tokens (the released code's
     # --scale: 13.5 by default, 9 for POPE, 0.8 for TextVQA), scaled to the image's own token count.
     rank_scale: float = 13.5
+    # sparsevlm: the K of its first stage (layer K-1 scores, the later stages keep their distance); None: the
+    # published layers scaled by depth.
+    sparsevlm_k: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -137,19 +142,31 @@ class SparsitySettings:
             raise EdgecmError(f"--rank-scale {self.rank_scale}: must be a positive number")
         if not 0 < self.dense_above <= 1:
             raise EdgecmError(f"--dense-above {self.dense_above}: must be in (0, 1]")
+        if self.sparsevlm_k is not None and self.sparsevlm_k < 1:
+            raise EdgecmError(f"--sparsevlm-k {self.sparsevlm_k}: must be >= 1 (layers 0..K-1 see every token)")
 
     def check_layers(self, num_layers: int) -> None:
         """Refuse layer numbers the model does not have (before any weight is read)."""
         if self.mode != "corematching":
             return
-        if self.prune_layer >= num_layers:
+        if self.token_rank != "sparsevlm" and self.prune_layer >= num_layers:
             raise EdgecmError(f"--prune-layer {self.prune_layer}: the model has {num_layers} layers, 0..{num_layers - 1}")
+        if self.sparsevlm_k is not None and self.sparsevlm_k >= num_layers:
+            raise EdgecmError(f"--sparsevlm-k {self.sparsevlm_k}: the model has {num_layers} layers, "
+                              f"0..{num_layers - 1}")
         beyond = [layer for layer in self.dense_layers if layer >= num_layers]
         if beyond:
             raise EdgecmError(
                 f"--dense-layers {','.join(map(str, self.dense_layers))}: layer {beyond[0]} does not exist; "
                 f"the model has {num_layers} layers, 0..{num_layers - 1}"
             )
+
+    def ranking_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The layers whose output ranks the visual tokens (each is followed by a pruning): K-1, or
+        SparseVLM's stage layers."""
+        if self.token_rank == "sparsevlm":
+            return stage_layers(num_layers, self.sparsevlm_k)
+        return (self.prune_layer - 1,)
 
     @property
     def prunes_tokens(self) -> bool:

@@ -110,12 +110,10 @@ class TokenPruner:
         pruner.reference = int(rows.order[-1]) if reference_index is None else reference_index
         if not settings.prunes_tokens or not visual.numel():
             return pruner
+        settings.check_layers(num_layers)
+        pruner.layers = settings.ranking_layers(num_layers)
         if settings.token_rank != "sparsevlm":
-            if settings.prune_layer >= num_layers:
-                raise EdgecmError(f"--prune-layer {settings.prune_layer}: the model has layers 0..{num_layers - 1}")
-            pruner.layers = (settings.prune_layer - 1,)
             return pruner
-        pruner.layers = sparsevlm.stage_layers(num_layers)
         # The raters are text tokens after the image (the question), as in the released code.
         text = (rows.source == TEXT).nonzero().flatten()
         after = text[text > visual.max()]

@@ -30,7 +30,6 @@ from edgecm.quant import check_supported, linear
 from edgecm.rope import Rotary
 from edgecm.sampling import SamplingSettings, next_token, seeded_generator
 from edgecm.sparsity import DENSE, SparsitySettings
-from edgecm.sparsevlm import stage_layers
 from edgecm.token_pruning import TEXT, Rows, TokenPruner
 from runtime.budget import detect_profile, enforce, out_of_memory_message, resolve_budget
 from runtime.placement import DecodePlacement
@@ -169,9 +168,7 @@ class Engine:
 
     def _full_layers(self, sparsity: SparsitySettings) -> int:
         """Layers that see every prompt token: K, or up to SparseVLM's last stage (the planner's safe side)."""
-        if sparsity.token_rank == "sparsevlm":
-            return stage_layers(self.text.num_layers)[-1] + 1
-        return sparsity.prune_layer
+        return sparsity.ranking_layers(self.text.num_layers)[-1] + 1
 
     def largest_batch(
         self, prompt_tokens: int, image_tokens: int, new_tokens: int, sparsity: SparsitySettings, limit: int = 256

@@ -37,6 +37,12 @@ def test_stage_layers_scale_the_published_layers_by_depth():
     assert sparsevlm.stage_layers(3) == (0, 1)  # 0.19, 0.56 and 1.41: two of them coincide
 
 
+def test_stage_layers_from_a_given_k_keep_their_distances():
+    assert sparsevlm.stage_layers(32, first_k=3) == (2, 6, 15)  # K = 3 is where the published stages start
+    assert sparsevlm.stage_layers(30, first_k=18) == (17, 21, 29)  # 2, 6, 14 moved by 15, the last one capped
+    assert sparsevlm.stage_layers(30, first_k=28) == (27, 29)
+
+
 def test_raters_are_the_text_tokens_above_the_mean_relevance():
     visual = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     text = torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 2.0], [1.5, 0.0]])
@@ -215,6 +221,13 @@ def test_recycled_tokens_take_their_centres_place(setup):
     assert last == order.tolist()
     first = set(cache.order(0)[0].tolist())  # layer 0 ran before any aggregate existed
     assert not first & set(centres) and survivors <= first
+
+
+def test_sparsevlm_k_moves_the_first_stage(setup):
+    engine, prompt = setup
+    result = run(engine, prompt, sparse(tokens=TokenRule("count", 4), sparsevlm_k=2))
+    assert result.selection.stage_layers == (1, 2)  # (0, 1) on three layers, moved by one, capped at the last
+    assert result.kept_image_tokens == 4
 
 
 def test_sparsevlm_with_sparse_decode(setup):
