@@ -279,6 +279,7 @@ def main() -> int:
     from edgecm.demo import demo_checkpoint_dir
     from edgecm.sparsity import DENSE
     from runtime.engine import Engine
+    from runtime.planner import format_min_budget
 
     batches = [int(b) for b in args.batches.split(",")]
     models = []
@@ -302,7 +303,7 @@ def main() -> int:
         todo.append(("llava-streamed", model, budgets,
                      "small LLaVA (1024 wide, 12 layers; 576 image tokens), random float16 weights; each batch size "
                      "under the smallest budget the planner accepts for it ("
-                     + ", ".join(f"{b}: {int(v) / 1024**3:.2f} GiB" for b, v in budgets.items())
+                     + ", ".join(f"{b}: {format_min_budget(int(v))}" for b, v in budgets.items())
                      + "), so every layer streams in prefill and the decode set streams in decode"))
     for kind, model, budget, description in todo:
         print(f"{kind}:", file=sys.stderr)

@@ -526,14 +526,9 @@ def stats_line(result) -> str:
 
 
 def format_bytes(n: int | None) -> str:
-    if n is None:
-        return "n/a"
-    if n < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KiB", "MiB", "GiB"):
-        n /= 1024
-        if n < 1024 or unit == "GiB":
-            return f"{n:.2f} {unit}"
+    from runtime.planner import format_size
+
+    return "n/a" if n is None else format_size(n)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
