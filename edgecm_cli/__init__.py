@@ -405,7 +405,11 @@ def _commands():
 
 def build_parser() -> argparse.ArgumentParser:
     flags = _flag_registry()
+    from edgecm import __version__
+
     parser = _Parser(prog="edgecm", description="CoreMatching inference for LLaVA-family models on small GPUs.")
+    # argparse's version action prints and exits as it is parsed, before the missing COMMAND is noticed.
+    parser.add_argument("--version", action="version", version=f"edgecm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
     for name, (summary, description, flag_names, handler, overrides) in _commands().items():
         command = sub.add_parser(name, help=summary, description=description)

@@ -213,3 +213,11 @@ def test_console_script_error_has_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+def test_version_flag_prints_the_package_version():
+    import edgecm
+
+    result = subprocess.run([sys.executable, "-m", "edgecm_cli", "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"edgecm {edgecm.__version__}\n" and result.stderr == ""
