@@ -422,13 +422,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def demo_directory():
+    """The demo checkpoint, built first if need be; a build is said on stderr as it starts (once, as it
+    writes some 265 MiB that the user did not ask for by name)."""
+    from edgecm.demo import demo_checkpoint_dir
+
+    def say(path, size: int) -> None:
+        print(f"edgecm: building the demo model into {path} (about {size / 2**20:.0f} MiB, once); "
+              f"set EDGECM_HOME to keep it elsewhere", file=sys.stderr)
+
+    return demo_checkpoint_dir(on_build=say)
+
+
 def open_model(path: str | None):
     from edgecm.checkpoint import open_checkpoint
-    from edgecm.demo import DEMO_NOTICE, demo_checkpoint_dir
+    from edgecm.demo import DEMO_NOTICE
 
     if path is None:
         print(f"edgecm: {DEMO_NOTICE}", file=sys.stderr)
-        return open_checkpoint(demo_checkpoint_dir()), "demo"
+        return open_checkpoint(demo_directory()), "demo"
     return open_checkpoint(path), path
 
 

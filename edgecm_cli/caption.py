@@ -278,9 +278,8 @@ def _caption_ray(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from edgecm.demo import demo_checkpoint_dir
     from edgecm.sparsity import load_calibration
-    from edgecm_cli import sparsity_from_flags
+    from edgecm_cli import demo_directory, sparsity_from_flags
     from runtime.captioning import AUTO_BATCH_LIMIT
     from runtime.ray_captioning import WorkerSpec, caption_on_ray, connect, placement_for
 
@@ -288,7 +287,7 @@ def _caption_ray(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
     if not todo:
         return 0
     # The same settings `edgecm caption` would use: the flags over the checkpoint's calibration record.
-    sparsity = sparsity_from_flags(args, load_calibration(Path(args.model) if args.model else demo_checkpoint_dir()))
+    sparsity = sparsity_from_flags(args, load_calibration(Path(args.model) if args.model else demo_directory()))
     ray = connect(None if args.ray == "local" else args.ray)
     place = placement_for(ray, args.device, args.workers)
     spec = WorkerSpec(
