@@ -551,6 +551,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edgecm.prompt import TextStream
     from edgecm.video import VideoOptions, read_video
     from edgecm.vision import load_image
+    from edgecm_cli.terminal import for_stream
 
     check_generation_flags(args)
     sparsity_from_flags(args)  # bad flags and bad input fail before the model loads
@@ -560,13 +561,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     builder = loaded.builder
     prompt = builder.build(args.question, image, video)
     stream = TextStream(builder)
+    visible = for_stream(sys.stdout)  # control characters escaped on a terminal, exact into a pipe
     pipe = {"closed": False}
 
     def show(token: int) -> None:
         piece = stream.push(token)
         if piece and not args.json and not pipe["closed"]:
             try:
-                sys.stdout.write(piece)
+                sys.stdout.write(visible(piece))
                 sys.stdout.flush()
             except BrokenPipeError:  # the reader left (| head): stop generating, keep the stats
                 quiet_broken_pipe()

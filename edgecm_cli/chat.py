@@ -180,6 +180,7 @@ class Chat:
         from rich.text import Text
 
         from edgecm.prompt import TextStream
+        from edgecm_cli.terminal import escape_controls
 
         loaded = self.loaded
         turns = self.turns + [("user", text)]
@@ -205,7 +206,7 @@ class Chat:
                     now = time.perf_counter()
                     counter["first"] = counter["first"] or now
                     counter["tokens"] += 1
-                    shown.append(stream.push(token))
+                    shown.append(escape_controls(stream.push(token)))  # the chat screen is a terminal's
                     elapsed = now - counter["first"]
                     rate = (counter["tokens"] - 1) / elapsed if elapsed > 0 else 0.0
                     live.update(Group(shown, self.panel({"tokens": counter["tokens"], "rate": rate})))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -191,6 +192,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from edgecm.video import VideoOptions, read_video
     from edgecm.vision import load_image
     from edgecm_cli import check_generation_flags, load_model, sparsity_from_flags
+    from edgecm_cli.terminal import for_stream
 
     check_generation_flags(args)
     if not sparsity_from_flags(args).prunes_tokens:
@@ -220,5 +222,5 @@ def cmd_show(args: argparse.Namespace) -> int:
     answer = loaded.builder.decode(result.token_ids).strip()
     width = loaded.checkpoint.config.text.intermediate_size
     frames = render(out, [model_view(v) for v in views], grid, result, loaded.sparsity, args.question, answer, width)
-    print(f"wrote {out}: kept {frames} of {result.image_tokens} image tokens; answer: {answer}")
+    print(f"wrote {out}: kept {frames} of {result.image_tokens} image tokens; answer: {for_stream(sys.stdout)(answer)}")
     return 0

@@ -82,3 +82,19 @@ def test_ctrl_c_stops_an_answer_and_ctrl_d_leaves(demo_home):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_control_characters_in_an_answer_are_shown_escaped(control_parrot):
+    from conftest import CONTROL_ANSWER
+
+    child = spawn(["--model", str(control_parrot), "--max-new-tokens", "5"])
+    child.sendline("hi")
+    child.expect(r"(\\x13){5}")
+    shown = child.before + child.after
+    child.expect(PROMPT)
+    shown += child.before
+    assert CONTROL_ANSWER not in shown, repr(shown)
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

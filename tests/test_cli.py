@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -221,3 +222,29 @@ def test_version_flag_prints_the_package_version():
     result = subprocess.run([sys.executable, "-m", "edgecm_cli", "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"edgecm {edgecm.__version__}\n" and result.stderr == ""
+
+
+def test_control_characters_are_escaped_on_a_terminal_and_exact_elsewhere(control_parrot):
+    import pexpect
+
+    from conftest import CONTROL_ANSWER
+
+    args = ["-m", "edgecm_cli", "run", "--model", str(control_parrot), "-q", "hi", "--max-new-tokens", "12"]
+    # On a terminal (a pseudo-terminal, as a user's): every \x13 arrives as the four characters \x13.
+    shown = pexpect.run(sys.executable, args=args, encoding="utf-8", timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert "\\x13" * 12 in shown and CONTROL_ANSWER not in shown, repr(shown)
+    # Into a pipe: the exact text, as documented.
+    piped = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and piped.stdout == CONTROL_ANSWER * 12 + "\n", repr(piped.stdout)
+    # --json keeps the text exact (JSON escapes it).
+    record = subprocess.run([sys.executable, *args, "--json"], capture_output=True, text=True, timeout=120)
+    assert json.loads(record.stdout)["text"] == CONTROL_ANSWER * 12 and CONTROL_ANSWER not in record.stdout
+
+
+def test_escape_controls_keeps_newlines_tabs_and_text():
+    from edgecm_cli.terminal import escape_controls
+
+    text = "caf\u00e9 \u732b\tcolumn\nline\x1b[2J\x07\r\x7f\x9b"
+    assert escape_controls(text) == "caf\u00e9 \u732b\tcolumn\nline" + r"\x1b[2J\x07\x0d\x7f\x9b"
+    pieces = ["a\x13", "\x13b", "\n"]
+    assert "".join(map(escape_controls, pieces)) == escape_controls("".join(pieces))  # streamed alike
