@@ -477,6 +477,7 @@ def load_model(args: argparse.Namespace) -> Loaded:
     calibration = load_calibration(checkpoint.path)
     sparsity = sparsity_from_flags(args, calibration)
     sparsity.check_layers(checkpoint.config.text.num_layers)  # only config.json has been read so far
+    check_model_takes_inputs(args, checkpoint, model_name)
     notice = demo_pruning_notice(model_name, sparsity)
     if notice and any(getattr(args, name, None) for name in ("image", "video", "inputs")):
         print(f"edgecm: {notice}", file=sys.stderr)
@@ -499,6 +500,26 @@ def load_model(args: argparse.Namespace) -> Loaded:
         calibration=calibration,
         generation=generation,
     )
+
+
+def check_model_takes_inputs(args: argparse.Namespace, checkpoint, model_name: str) -> None:
+    """Refuse --image, --video or --videos that the model cannot take, from its config.json alone, so
+    the refusal comes before any weight is read."""
+    from edgecm.errors import EdgecmError
+    from edgecm.families import FAMILIES
+
+    if not checkpoint.config.is_multimodal:
+        if getattr(args, "image", None):
+            raise EdgecmError(f"--image: {model_name} is a text-only model and takes no image; drop --image or "
+                              f"pass --model a vision-language checkpoint")
+        if getattr(args, "inputs", None):
+            raise EdgecmError(f"{model_name}: a text-only model cannot caption images; pass --model a "
+                              f"vision-language checkpoint")
+    flag = "--video" if getattr(args, "video", None) else "--videos" if getattr(args, "videos", False) else None
+    if flag and not checkpoint.family.takes_video:
+        with_video = ", ".join(a for f in FAMILIES if f.takes_video for a in f.architectures)
+        raise EdgecmError(f"{flag}: {model_name} ({checkpoint.family.name}) takes no video; drop {flag} or pass "
+                          f"--model a checkpoint that does ({with_video})")
 
 
 def batch_size_flag(text: str) -> int | str:

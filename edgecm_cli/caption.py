@@ -229,9 +229,7 @@ def _caption(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
     todo = still_to_caption(out, paths)
     if not todo:
         return 0
-    loaded = load_model(args)
-    if not loaded.checkpoint.config.is_multimodal:
-        raise EdgecmError(f"{loaded.model_name}: a text-only model cannot caption images; pass --model a LLaVA checkpoint")
+    loaded = load_model(args)  # a text-only model, or --videos for one without video, is refused before it loads
     # A prompt the model cannot take is refused here, before OUT is touched.
     captioner = Captioner(
         loaded.engine, loaded.builder, loaded.model_name, prompt=args.prompt, generation=loaded.generation,
@@ -278,16 +276,20 @@ def _caption_ray(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from edgecm.checkpoint import open_checkpoint
     from edgecm.sparsity import load_calibration
-    from edgecm_cli import demo_directory, sparsity_from_flags
+    from edgecm_cli import check_model_takes_inputs, demo_directory, sparsity_from_flags
     from runtime.captioning import AUTO_BATCH_LIMIT
     from runtime.ray_captioning import WorkerSpec, caption_on_ray, connect, placement_for
 
     todo = still_to_caption(out, paths)
     if not todo:
         return 0
+    path = Path(args.model) if args.model else demo_directory()
+    # What `edgecm caption` refuses before loading, refused here before any worker starts (config.json only).
+    check_model_takes_inputs(args, open_checkpoint(path), args.model or "demo")
     # The same settings `edgecm caption` would use: the flags over the checkpoint's calibration record.
-    sparsity = sparsity_from_flags(args, load_calibration(Path(args.model) if args.model else demo_directory()))
+    sparsity = sparsity_from_flags(args, load_calibration(path))
     ray = connect(None if args.ray == "local" else args.ray)
     place = placement_for(ray, args.device, args.workers)
     spec = WorkerSpec(

@@ -125,8 +125,8 @@ class Chat:
         if not path:
             self.console.print("[red]/video needs a video file or a folder of frames[/], e.g. /video clip.mp4")
             return
-        if not self.loaded.checkpoint.config.is_multimodal:
-            self.console.print("[red]this is a text-only model; it cannot take a video[/]")
+        if not self.loaded.checkpoint.family.takes_video:
+            self.console.print("[red]this model takes no video[/]; /image attaches an image")
             return
         try:
             self.video = read_video(path, self.video_options or VideoOptions())
@@ -263,9 +263,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     image = load_image(args.image) if args.image else None
     options = VideoOptions(args.fps, args.max_frames)
     video = read_video(args.video, options) if args.video else None  # a bad folder fails before the model loads
-    loaded = load_model(args)
-    if image is not None and not loaded.checkpoint.config.is_multimodal:
-        raise EdgecmError("this is a text-only model; drop --image or pass --model a LLaVA checkpoint")
+    loaded = load_model(args)  # refuses an --image or --video the model cannot take before loading it
     chat = Chat(loaded, Console(highlight=False), image, args.image, options)
     chat.video, chat.video_path = video, args.video
     return chat.loop()

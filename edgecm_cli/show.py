@@ -209,9 +209,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         raise EdgecmError("show draws one image or one video; pass --image PATH or --video DIR")
     image = load_image(args.image) if args.image else None
     video = read_video(args.video, VideoOptions(args.fps, args.max_frames)) if args.video else None
-    loaded = load_model(args)
-    if not loaded.checkpoint.config.is_multimodal:
-        raise EdgecmError("show needs a vision-language checkpoint: a text-only model has no image tokens")
+    loaded = load_model(args)  # refuses an --image or --video the model cannot take before loading it
     prompt = loaded.builder.build(args.question, image, video)
     result = loaded.engine.generate(prompt, loaded.generation, loaded.builder.stop_token_ids, sparsity=loaded.sparsity)
     rows, cols = grid = loaded.checkpoint.family.patch_grid(loaded.checkpoint.config, prompt)

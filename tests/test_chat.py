@@ -23,7 +23,7 @@ def spawn(args, env_extra=None, timeout=90):
     return child
 
 
-def test_chat_commands_and_turns(build_llava, image_path):
+def test_chat_commands_and_turns(build_llava, image_path, frames_dir):
     model_dir, _ = build_llava(**TINY)
     child = spawn(["--model", str(model_dir), "--image", str(image_path), "--max-new-tokens", "6"])
     child.sendline("What is shown?")
@@ -51,6 +51,9 @@ def test_chat_commands_and_turns(build_llava, image_path):
     child.expect(PROMPT)
     child.sendline("/bogus")
     child.expect("unknown command")
+    child.expect(PROMPT)
+    child.sendline(f"/video {frames_dir}")  # a LLaVA model: refused at once, not at the next answer
+    child.expect("this model takes no video")
     child.expect(PROMPT)
     child.sendline("Is <image> a word?")  # a forged placeholder is refused, and the chat goes on
     child.expect("reserves for its prompt format")

@@ -58,6 +58,8 @@ class Family:
     prefix_rules: tuple[tuple[str, str], ...] = (("model.", ""), ("", ""))
     # Without a chat template, a one-turn text prompt is the question alone (a completion prompt).
     plain_single_turn = True
+    # Whether a prompt may hold a video: the family's processor, encoder and positions know one.
+    takes_video = False
 
     # -- config -------------------------------------------------------------------------------
 
