@@ -107,11 +107,12 @@ def run_edgecm(model: Path, kind: str, batch: int, args, budget: str | None) -> 
     engine = Engine(checkpoint, device=args.device, budget=budget)
     settings = GenerationSettings(max_new_tokens=args.new_tokens, stop_at_eos=False)
     prompts = edgecm_prompts(checkpoint, kind, args.images)
-    generate_batch(engine, prompts[:batch], GenerationSettings(max_new_tokens=2, stop_at_eos=False))  # warm-up
+    generate_batch(engine, prompts[:batch], GenerationSettings(max_new_tokens=2, stop_at_eos=False),
+                   sparsity=DENSE)  # warm-up
     started = time.perf_counter()
     tokens = prefill_s = decode_s = decode_steps = 0
     for i in range(0, len(prompts), batch):
-        results = generate_batch(engine, prompts[i : i + batch], settings)
+        results = generate_batch(engine, prompts[i : i + batch], settings, sparsity=DENSE)
         tokens += sum(len(r.token_ids) for r in results)
         timings = results[0].timings  # one batch, one set of timings
         prefill_s += timings.time_to_answer_s

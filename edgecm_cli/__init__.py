@@ -20,7 +20,6 @@ from typing import Any, Sequence
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cat` in the same place
-DEFAULT_CAPTION_PROMPT = "Write a short caption for this image."
 
 
 def _defaults():
@@ -33,12 +32,16 @@ def _defaults():
 
 
 def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
+    from edgecm.calibration import DEFAULT_TARGET
     from edgecm.quant import QUANT_KINDS
-
     from edgecm.video import VideoOptions
+    from edgecm_cli.plan import QUESTION_TOKENS
+    from runtime.captioning import CAPTION_PROMPT, Captioner
+    from runtime.engine import DEFAULT_DEVICE
+    from runtime.planner import Workload
 
     gen, sampling, sparse = _defaults()
-    video = VideoOptions()
+    video, workload = VideoOptions(), Workload()
     return {
         "model": (
             ("--model",),
@@ -60,7 +63,7 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
         "batch_size": (
             ("--batch-size",),
             dict(
-                type=batch_size_flag, default="auto", metavar="N|auto",
+                type=batch_size_flag, default=Captioner.batch_size, metavar="N|auto",
                 help="sequences run together (caption: images); auto is the largest batch that keeps the memory "
                 "plan of one sequence (caption caps it at 16) (default: %(default)s)",
             ),
@@ -112,7 +115,7 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
             ),
         ),
         "question": (("--question", "-q"), dict(metavar="TEXT", required=True, help="the question or instruction")),
-        "device": (("--device",), dict(default="cpu", metavar="cpu|cuda", help="compute device (default: %(default)s)")),
+        "device": (("--device",), dict(default=DEFAULT_DEVICE, metavar="cpu|cuda", help="compute device (default: %(default)s)")),
         "dtype": (
             ("--dtype",),
             dict(
@@ -208,10 +211,15 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
                 f"(default: calibration file, else {sparse.dense_above})",
             ),
         ),
-        "dense_layers": (("--dense-layers",), dict(default="", metavar="LIST", help="layers that always decode dense, e.g. 0,1,29")),
+        "dense_layers": (
+            ("--dense-layers",),
+            dict(default=",".join(map(str, sparse.dense_layers)), metavar="LIST",
+                 help="layers that always decode dense, e.g. 0,1,29"),
+        ),
         "target": (
             ("--target",),
-            dict(type=float, default=None, metavar="A", help="teacher-forced top-1 agreement to reach (default: 0.95)"),
+            dict(type=float, default=None, metavar="A",
+                 help=f"teacher-forced top-1 agreement to reach (default: {DEFAULT_TARGET})"),
         ),
         "prompts": (
             ("--prompts",),
@@ -226,7 +234,7 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
         "out": (("--out",), dict(required=True, metavar="FILE.jsonl", help="output JSONL; an existing file is resumed")),
         "prompt": (
             ("--prompt",),
-            dict(default=DEFAULT_CAPTION_PROMPT, metavar="TEXT", help="instruction for every image (default: %(default)r)"),
+            dict(default=CAPTION_PROMPT, metavar="TEXT", help="instruction for every image (default: %(default)r)"),
         ),
         "shard": (
             ("--shard",),
@@ -252,15 +260,23 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
             ("--prompt-tokens",),
             dict(
                 type=int, metavar="N",
-                help="prompt length incl. image tokens (default: one image at the model's planned size + a "
-                "44-token question, 620 for LLaVA-1.5; 620 for a text-only model)",
+                help=f"prompt length incl. image tokens (default: one image at the model's planned size + a "
+                f"{QUESTION_TOKENS}-token question, 620 for LLaVA-1.5; {workload.prompt_tokens} for a text-only model)",
             ),
         ),
-        "new_tokens": (("--new-tokens",), dict(type=int, default=128, metavar="N", help="tokens to generate (default: %(default)s)")),
-        "kept_tokens": (("--kept-tokens",), dict(type=int, default=64, metavar="N", help="image tokens kept from layer K on (default: %(default)s)")),
+        "new_tokens": (
+            ("--new-tokens",),
+            dict(type=int, default=workload.new_tokens, metavar="N", help="tokens to generate (default: %(default)s)"),
+        ),
+        "kept_tokens": (
+            ("--kept-tokens",),
+            dict(type=int, default=workload.kept_image_tokens, metavar="N",
+                 help="image tokens kept from layer K on (default: %(default)s)"),
+        ),
         "neuron_fraction": (
             ("--neuron-fraction",),
-            dict(type=float, default=0.4, metavar="F", help="share of FFN neurons in the decode set (default: %(default)s)"),
+            dict(type=float, default=workload.neuron_fraction, metavar="F",
+                 help="share of FFN neurons in the decode set (default: %(default)s)"),
         ),
         "profile_out": (("--out",), dict(metavar="FILE.json", help="also write the profile here, e.g. profiles/my-gpu.json")),
         "scratch": (("--scratch",), dict(default=".", metavar="DIR", help="directory for the disk test file (default: %(default)s)")),
@@ -284,7 +300,6 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
 
 
 CALIBRATE_NEW_TOKENS = 32  # answers to score, not to read: shorter keeps calibration quick
-CAPTION_NEW_TOKENS = 64
 SHOW_NEW_TOKENS = 32
 SPARSITY_FLAGS = ("mode", "tokens", "token_rank", "neurons", "rho", "beta", "prune_layer", "dense_above", "dense_layers",
                   "keep_early_kv", "no_recycle", "rank_scale")
@@ -334,6 +349,7 @@ def _commands():
     from edgecm_cli.caption import cmd_caption
     from edgecm_cli.chat import cmd_chat
     from edgecm_cli.show import cmd_show
+    from runtime.captioning import CAPTION_NEW_TOKENS
 
     model = ("model", "device", "dtype", "resident", "run_budget", "quant", "min_pixels", "max_pixels")
     sampling = ("max_new_tokens", "temperature", "top_p", "seed")

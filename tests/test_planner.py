@@ -17,6 +17,7 @@ import edgecm_cli
 from edgecm.checkpoint import open_checkpoint
 from edgecm.errors import EdgecmError
 from edgecm.prompt import PromptBuilder
+from edgecm.sparsity import DENSE
 from edgecm_cli.plan import SHAPES_DIR
 from edgecm.config import load_model_config
 from runtime.planner import (
@@ -56,7 +57,8 @@ def test_sizes_match_the_checkpoint_and_the_engine(build_llava, image_path):
     from edgecm.vision import load_image
 
     prompt = PromptBuilder(checkpoint).build("What is shown?", load_image(image_path))
-    result = Engine(checkpoint).generate(prompt, GenerationSettings(max_new_tokens=4, stop_at_eos=False))
+    result = Engine(checkpoint).generate(prompt, GenerationSettings(max_new_tokens=4, stop_at_eos=False),
+                                         sparsity=DENSE)
     assert result.memory.kv_cache_bytes == sizes.kv_per_token * (prompt.num_tokens + 3)
 
 
