@@ -161,6 +161,15 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
             ),
         ),
         "json": (("--json",), dict(action="store_true", help="print one JSON object with text, ids, timings and memory")),
+        "plan_json": (
+            ("--json",),
+            dict(action="store_true", help="print the plan as one JSON object: budget, usable and smallest workable "
+                 "bytes, what each phase holds, bytes per layer and per KV token, the batch and the largest one"),
+        ),
+        "calibrate_json": (
+            ("--json",),
+            dict(action="store_true", help="print the calibration record written beside the checkpoint, as JSON"),
+        ),
         "mode": (
             ("--mode",),
             dict(choices=("dense", "corematching"), default=sparse.mode, help="dense: no pruning at all (default: %(default)s)"),
@@ -393,7 +402,7 @@ def _commands():
             "Answer a prompt set densely, teacher-force candidate neuron budgets on those answers, and write "
             "the cheapest one meeting --target to edgecm-calibration.json beside the checkpoint, which the "
             "other commands then use. Progress on stderr, the result on stdout.",
-            ("image", "prompts", "limit", "target", "max_new_tokens", *model, "dense_above", "json"),
+            ("image", "prompts", "limit", "target", "max_new_tokens", *model, "dense_above", "calibrate_json"),
             cmd_calibrate,
             {"max_new_tokens": CALIBRATE_NEW_TOKENS},
         ),
@@ -403,7 +412,7 @@ def _commands():
             "prefill and decode phases under --budget on a device profile. Works from a checkpoint, a config.json "
             "alone, or a published --shape. A budget nothing fits in is refused with the smallest that would work.",
             ("model", "shape", "budget", "profile", "weights", "prompt_tokens", "new_tokens", "kept_tokens",
-             "neuron_fraction", "batch_size", "json"),
+             "neuron_fraction", "batch_size", "plan_json"),
             cmd_plan,
             {"batch_size": 1},
         ),

@@ -69,6 +69,11 @@ def expand_inputs(inputs: list[str], videos: bool = False) -> list[Path]:
     return [Path(key) for key in unique]
 
 
+def plural(n: int, noun: str) -> str:
+    """'1 image', '2 images', '0 errors': the summaries count anything from none to millions."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
@@ -213,7 +218,8 @@ def still_to_caption(out: Path, paths: list[Path]) -> list[Path]:
     """The paths ``out`` does not hold yet (after recovering it), said on stderr."""
     done = recover(out)
     todo = [p for p in paths if str(p) not in done]
-    print(f"edgecm: {len(paths)} images, {len(paths) - len(todo)} already in {out}, {len(todo)} to caption", file=sys.stderr)
+    print(f"edgecm: {plural(len(paths), 'image')}, {len(paths) - len(todo)} already in {out}, {len(todo)} to caption",
+          file=sys.stderr)
     return todo
 
 
@@ -260,14 +266,14 @@ def _caption(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
         if not is_interrupt(exc):
             raise
         print(
-            f"edgecm: interrupted after {written} of {len(todo)} images; every finished line is saved in {out}; "
+            f"edgecm: interrupted after {written} of {plural(len(todo), 'image')}; every finished line is saved in {out}; "
             f"run the same command again to resume",
             file=sys.stderr,
         )
         return 130
     finally:
         writer.close()
-    print(f"edgecm: wrote {len(todo)} lines to {out} ({errors} errors)", file=sys.stderr)
+    print(f"edgecm: wrote {plural(len(todo), 'line')} to {out} ({plural(errors, 'error')})", file=sys.stderr)
     return 0
 
 
@@ -322,10 +328,10 @@ def _caption_ray(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
     except BaseException as exc:
         if not is_interrupt(exc):
             raise
-        print(f"edgecm: interrupted after {written} of {len(todo)} images; every finished line is saved in {out}; "
+        print(f"edgecm: interrupted after {written} of {plural(len(todo), 'image')}; every finished line is saved in {out}; "
               f"run the same command again to resume", file=sys.stderr)
         return 130
     finally:
         writer.close()
-    print(f"edgecm: wrote {written} lines to {out} ({errors} errors)", file=sys.stderr)
+    print(f"edgecm: wrote {plural(written, 'line')} to {out} ({plural(errors, 'error')})", file=sys.stderr)
     return 0 if written == len(todo) else 1

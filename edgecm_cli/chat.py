@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 import signal
+import sys
 import time
 
 from edgecm.errors import EdgecmError
+from edgecm_cli.terminal import escape_controls
 
 HELP = """commands:
   /image PATH   attach or replace the image (it goes with your next message)
@@ -180,7 +182,6 @@ class Chat:
         from rich.text import Text
 
         from edgecm.prompt import TextStream
-        from edgecm_cli.terminal import escape_controls
 
         loaded = self.loaded
         turns = self.turns + [("user", text)]
@@ -223,6 +224,8 @@ class Chat:
                 live.update(Group(shown, self.panel()))
         finally:
             signal.signal(signal.SIGINT, previous)
+            if not self.console.is_terminal:  # rich ends a live view with a newline on terminals only
+                self.console.line()
         if result.stop_reason == "interrupted":
             self.console.print("[yellow](answer stopped)[/]")
         self.turns = turns + [("assistant", loaded.builder.decode(result.token_ids))]
@@ -233,6 +236,8 @@ class Chat:
         while True:
             try:
                 line = self.console.input("[bold green]you>[/] ")
+                if not sys.stdin.isatty():  # nothing echoed what was read: show it, ending the prompt's line
+                    self.console.print(escape_controls(line), markup=False)
             except EOFError:
                 self.console.print()
                 return 0

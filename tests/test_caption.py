@@ -240,3 +240,20 @@ def test_the_captioner_with_its_defaults_captions_as_the_cli_does(build_llava, c
     cli = [{k: v for k, v in r.items() if k not in timed} for r in read_lines(out)]
     assert [{k: v for k, v in r.items() if k not in timed} for r in library] == cli
     assert cli[0]["settings"]["sparsity"]["mode"] == "corematching" and cli[0]["kept_image_tokens"] < 16
+
+
+def test_caption_summaries_count_in_words(build_llava, corpus, tmp_path):
+    model_dir, _ = build_llava(**TINY)
+    root, good = corpus
+
+    def caption(*inputs, out) -> str:
+        done = subprocess.run([sys.executable, "-m", "edgecm_cli", "caption", *map(str, inputs), "--out", str(out),
+                               "--model", str(model_dir), "--max-new-tokens", "2"], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    one = caption(good[0], out=tmp_path / "one.jsonl")
+    assert "edgecm: 1 image, 0 already in" in one and "wrote 1 line to" in one and "(0 errors)" in one, one
+    two = caption(good[1], root / "notes.png", out=tmp_path / "two.jsonl")
+    assert "edgecm: 2 images, 0 already in" in two and "wrote 2 lines to" in two and "(1 error)" in two, two

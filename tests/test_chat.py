@@ -101,3 +101,19 @@ def test_control_characters_in_an_answer_are_shown_escaped(control_parrot):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_piped_chat_starts_each_prompt_on_its_own_line(build_llava):
+    """stdin and stdout not terminals (a script feeding questions): the transcript reads turn by turn."""
+    import subprocess
+
+    model_dir, _ = build_llava(**TINY)
+    done = subprocess.run([sys.executable, "-m", "edgecm_cli", "chat", "--model", str(model_dir), "--max-new-tokens", "3"],
+                          input="What is shown?\n/help\nAnd now?\n", capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "120"})
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert out.count(PROMPT) == 4, out  # three lines read, then end of input
+    assert all(out[i - 1] == "\n" for i in range(len(out)) if out.startswith(PROMPT, i)), out
+    assert f"{PROMPT} What is shown?\n" in out and f"{PROMPT} /help\ncommands:" in out and f"{PROMPT} And now?\n" in out
+    assert "╯\n" in out and "╯" + PROMPT not in out

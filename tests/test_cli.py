@@ -286,3 +286,15 @@ def test_cli_defaults_are_the_library_defaults():
     workload = Workload()
     assert (plan.new_tokens, plan.kept_tokens, plan.neuron_fraction) == (
         workload.new_tokens, workload.kept_image_tokens, workload.neuron_fraction)
+
+
+@pytest.mark.parametrize("command, says, not_says", [
+    ("plan", "print the plan as one JSON object", "text, ids"),
+    ("calibrate", "calibration record", "text, ids"),
+    ("run", "text, ids, timings and memory", "plan"),
+])
+def test_each_command_describes_its_own_json(command, says, not_says):
+    result = subprocess.run([sys.executable, "-m", "edgecm_cli", command, "--help"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "COLUMNS": "400"})
+    line = next(line for line in result.stdout.splitlines() if line.strip().startswith("--json"))
+    assert says in line and not_says not in line, line
