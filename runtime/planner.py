@@ -45,7 +45,7 @@ class DeviceProfile:
     h2d_pageable_gbs: float | None = None
     disk_read_gbs: float | None = None
     matmul_tflops: dict = field(default_factory=dict)
-    supports_bf16: bool = False
+    supports_bf16: bool = False  # can compute in bfloat16; whether that is faster is matmul_tflops' to say
     supports_int8: bool = False
     default_dtype: str = "float16"
     source: str = ""
