@@ -36,7 +36,7 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
     from edgecm.quant import QUANT_KINDS
     from edgecm.video import VideoOptions
     from edgecm_cli.plan import QUESTION_TOKENS
-    from runtime.captioning import CAPTION_PROMPT, Captioner
+    from runtime.captioning import AUTO_BATCH_LIMIT, CAPTION_PROMPT, Captioner
     from runtime.engine import DEFAULT_DEVICE
     from runtime.planner import Workload
 
@@ -65,7 +65,7 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
             dict(
                 type=batch_size_flag, default=Captioner.batch_size, metavar="N|auto",
                 help="sequences run together (caption: images); auto is the largest batch that keeps the memory "
-                "plan of one sequence (caption caps it at 16) (default: %(default)s)",
+                f"plan of one sequence (caption caps it at {AUTO_BATCH_LIMIT}) (default: %(default)s)",
             ),
         ),
         "ray": (
@@ -429,9 +429,9 @@ def _commands():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    flags = _flag_registry()
     from edgecm import __version__
 
+    flags = _flag_registry()
     parser = _Parser(prog="edgecm", description="CoreMatching inference for LLaVA-family models on small GPUs.")
     # argparse's version action prints and exits as it is parsed, before the missing COMMAND is noticed.
     parser.add_argument("--version", action="version", version=f"edgecm {__version__}")
@@ -448,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def demo_directory():
-    """The demo checkpoint, built first if need be; a build is said on stderr as it starts (once, as it
-    writes some 265 MiB that the user did not ask for by name)."""
+    """The demo checkpoint, built first if need be; a build is said on stderr as it starts, as it writes
+    some hundreds of MiB the user did not ask for by name."""
     from edgecm.demo import demo_checkpoint_dir
 
     def say(path, size: int) -> None:
