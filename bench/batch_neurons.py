@@ -62,13 +62,14 @@ def prompts_for(kind: str, count: int):
 
 
 def measure(kind: str, args) -> dict:
+    from edgecm.sparsity import DENSE
     from runtime.batch import generate_batch
     from runtime.engine import Engine, GenerationSettings
 
     checkpoint, builder, prompts = prompts_for(kind, args.prompts)
     engine = Engine(checkpoint)
     dense = [engine.generate(p, GenerationSettings(max_new_tokens=args.new_tokens), builder.stop_token_ids,
-                             collect_logits=True) for p in prompts]
+                             collect_logits=True, sparsity=DENSE) for p in prompts]
     answers = [d.token_ids for d in dense]
     rows = []
     for name, sparsity in settings().items():

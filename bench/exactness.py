@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from edgecm.checkpoint import open_checkpoint  # noqa: E402
 from edgecm.prompt import PromptBuilder  # noqa: E402
+from edgecm.sparsity import DENSE  # noqa: E402
 from edgecm.vision import load_image  # noqa: E402
 from runtime.engine import Engine, GenerationSettings  # noqa: E402
 from test_exactness import LLAMA_VARIANTS, LLAVA_VARIANTS, QUESTION  # noqa: E402
@@ -43,7 +44,8 @@ def compare(checkpoint_path, reference, question, image=None) -> dict:
     with torch.no_grad():
         theirs = reference(**inputs).logits
         expected = reference.generate(**inputs, max_new_tokens=GREEDY, min_new_tokens=GREEDY, do_sample=False)
-    got = engine.generate(prompt, GenerationSettings(max_new_tokens=GREEDY, stop_at_eos=False)).token_ids
+    got = engine.generate(prompt, GenerationSettings(max_new_tokens=GREEDY, stop_at_eos=False), sparsity=DENSE)
+    got = got.token_ids
     err = (ours - theirs).abs()
     return {
         "max_abs_error": err.max().item(),

@@ -107,11 +107,12 @@ def run_edgecm(model: Path, kind: str, batch: int, args, budget: str | None) -> 
     engine = Engine(checkpoint, device=args.device, budget=budget)
     settings = GenerationSettings(max_new_tokens=args.new_tokens, stop_at_eos=False)
     prompts = edgecm_prompts(checkpoint, kind, args.images)
-    generate_batch(engine, prompts[:batch], GenerationSettings(max_new_tokens=2, stop_at_eos=False))  # warm-up
+    generate_batch(engine, prompts[:batch], GenerationSettings(max_new_tokens=2, stop_at_eos=False),
+                   sparsity=DENSE)  # warm-up
     started = time.perf_counter()
     tokens = prefill_s = decode_s = decode_steps = 0
     for i in range(0, len(prompts), batch):
-        results = generate_batch(engine, prompts[i : i + batch], settings)
+        results = generate_batch(engine, prompts[i : i + batch], settings, sparsity=DENSE)
         tokens += sum(len(r.token_ids) for r in results)
         timings = results[0].timings  # one batch, one set of timings
         prefill_s += timings.time_to_answer_s
@@ -279,6 +280,7 @@ def main() -> int:
     from edgecm.demo import demo_checkpoint_dir
     from edgecm.sparsity import DENSE
     from runtime.engine import Engine
+    from runtime.planner import format_min_budget
 
     batches = [int(b) for b in args.batches.split(",")]
     models = []
@@ -302,7 +304,7 @@ def main() -> int:
         todo.append(("llava-streamed", model, budgets,
                      "small LLaVA (1024 wide, 12 layers; 576 image tokens), random float16 weights; each batch size "
                      "under the smallest budget the planner accepts for it ("
-                     + ", ".join(f"{b}: {int(v) / 1024**3:.2f} GiB" for b, v in budgets.items())
+                     + ", ".join(f"{b}: {format_min_budget(int(v))}" for b, v in budgets.items())
                      + "), so every layer streams in prefill and the decode set streams in decode"))
     for kind, model, budget, description in todo:
         print(f"{kind}:", file=sys.stderr)

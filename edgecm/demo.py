@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -35,6 +36,10 @@ DEMO_PRUNING_NOTICE = (
 )
 IMAGE_TOKEN = "<image>"
 VISION_WEIGHTS = Path(__file__).parent / "data" / "demo_vision.safetensors"
+# What a build leaves in the cache (SmolLM2-135M and the tower in float16, the tokenizer: 265 MiB), said
+# before a build starts. Measured on a build rather than computed: the language weights are a fixed
+# file, and tests/test_gguf_and_demo.py checks this figure against the directory it builds.
+DEMO_BUILD_BYTES = 277_423_928
 
 # ChatML, as SmolLM2-Instruct was trained with, plus the LLaVA image placeholder before the text.
 DEMO_CHAT_TEMPLATE = (
@@ -85,16 +90,30 @@ def smollm2_gguf_path() -> Path:
     )
 
 
-def demo_checkpoint_dir() -> Path:
-    """The demo checkpoint directory, building it first if it is not there yet.
+def demo_path() -> Path:
+    """Where the demo checkpoint lives once built (it may not be there yet).
 
     The folder is named after the shipped vision weights' content, so an
     upgrade that ships new weights builds a new demo instead of reusing the old.
     """
-    target = cache_root() / f"{DEMO_NAME}-{vision_weights_digest()}"
+    return cache_root() / f"{DEMO_NAME}-{vision_weights_digest()}"
+
+
+BuildCallback = Callable[[Path, int], None]
+
+
+def demo_checkpoint_dir(on_build: BuildCallback | None = None) -> Path:
+    """The demo checkpoint directory, building it first if it is not there yet.
+
+    ``on_build(path, size_bytes)`` is called once, just before a build starts,
+    so a caller can tell its user where the bytes go (the library does not print).
+    """
+    target = demo_path()
     if (target / "config.json").is_file():
         return target
     gguf_path = smollm2_gguf_path()
+    if on_build is not None:
+        on_build(target, DEMO_BUILD_BYTES)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: an interrupted build never leaves a half checkpoint behind.
     staging = Path(tempfile.mkdtemp(prefix=DEMO_NAME + ".", dir=target.parent))

@@ -205,7 +205,7 @@ class PromptBuilder:
         # A template that already writes BOS must not get a second one from the tokenizer.
         add_special = not (bos and text.startswith(bos))
         if video is not None:
-            if not getattr(self.processor, "takes_video", False):
+            if not self.family.takes_video:
                 raise EdgecmError("this model takes no video; drop the video or pass a Qwen2.5-VL checkpoint")
             enc = self.processor(images=image, text=text, videos=video, add_special_tokens=add_special)
             prompt = Prompt(

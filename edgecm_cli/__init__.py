@@ -20,7 +20,6 @@ from typing import Any, Sequence
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cat` in the same place
-DEFAULT_CAPTION_PROMPT = "Write a short caption for this image."
 
 
 def _defaults():
@@ -33,13 +32,18 @@ def _defaults():
 
 
 def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
+    from edgecm.calibration import DEFAULT_TARGET
     from edgecm.quant import QUANT_KINDS
     from edgecm.sparsity import TOKEN_RANKS
 
     from edgecm.video import VideoOptions
+    from edgecm_cli.plan import QUESTION_TOKENS
+    from runtime.captioning import AUTO_BATCH_LIMIT, CAPTION_PROMPT, Captioner
+    from runtime.engine import DEFAULT_DEVICE
+    from runtime.planner import Workload
 
     gen, sampling, sparse = _defaults()
-    video = VideoOptions()
+    video, workload = VideoOptions(), Workload()
     return {
         "model": (
             ("--model",),
@@ -61,9 +65,9 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
         "batch_size": (
             ("--batch-size",),
             dict(
-                type=batch_size_flag, default="auto", metavar="N|auto",
+                type=batch_size_flag, default=Captioner.batch_size, metavar="N|auto",
                 help="sequences run together (caption: images); auto is the largest batch that keeps the memory "
-                "plan of one sequence (caption caps it at 16) (default: %(default)s)",
+                f"plan of one sequence (caption caps it at {AUTO_BATCH_LIMIT}) (default: %(default)s)",
             ),
         ),
         "ray": (
@@ -113,7 +117,7 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
             ),
         ),
         "question": (("--question", "-q"), dict(metavar="TEXT", required=True, help="the question or instruction")),
-        "device": (("--device",), dict(default="cpu", metavar="cpu|cuda", help="compute device (default: %(default)s)")),
+        "device": (("--device",), dict(default=DEFAULT_DEVICE, metavar="cpu|cuda", help="compute device (default: %(default)s)")),
         "dtype": (
             ("--dtype",),
             dict(
@@ -159,6 +163,15 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
             ),
         ),
         "json": (("--json",), dict(action="store_true", help="print one JSON object with text, ids, timings and memory")),
+        "plan_json": (
+            ("--json",),
+            dict(action="store_true", help="print the plan as one JSON object: budget, usable and smallest workable "
+                 "bytes, what each phase holds, bytes per layer and per KV token, the batch and the largest one"),
+        ),
+        "calibrate_json": (
+            ("--json",),
+            dict(action="store_true", help="print the calibration record written beside the checkpoint, as JSON"),
+        ),
         "mode": (
             ("--mode",),
             dict(choices=("dense", "corematching"), default=sparse.mode, help="dense: no pruning at all (default: %(default)s)"),
@@ -210,10 +223,15 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
                 f"(default: calibration file, else {sparse.dense_above})",
             ),
         ),
-        "dense_layers": (("--dense-layers",), dict(default="", metavar="LIST", help="layers that always decode dense, e.g. 0,1,29")),
+        "dense_layers": (
+            ("--dense-layers",),
+            dict(default=",".join(map(str, sparse.dense_layers)), metavar="LIST",
+                 help="layers that always decode dense, e.g. 0,1,29"),
+        ),
         "target": (
             ("--target",),
-            dict(type=float, default=None, metavar="A", help="teacher-forced top-1 agreement to reach (default: 0.95)"),
+            dict(type=float, default=None, metavar="A",
+                 help=f"teacher-forced top-1 agreement to reach (default: {DEFAULT_TARGET})"),
         ),
         "prompts": (
             ("--prompts",),
@@ -228,7 +246,7 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
         "out": (("--out",), dict(required=True, metavar="FILE.jsonl", help="output JSONL; an existing file is resumed")),
         "prompt": (
             ("--prompt",),
-            dict(default=DEFAULT_CAPTION_PROMPT, metavar="TEXT", help="instruction for every image (default: %(default)r)"),
+            dict(default=CAPTION_PROMPT, metavar="TEXT", help="instruction for every image (default: %(default)r)"),
         ),
         "shard": (
             ("--shard",),
@@ -254,15 +272,23 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
             ("--prompt-tokens",),
             dict(
                 type=int, metavar="N",
-                help="prompt length incl. image tokens (default: one image at the model's planned size + a "
-                "44-token question, 620 for LLaVA-1.5; 620 for a text-only model)",
+                help=f"prompt length incl. image tokens (default: one image at the model's planned size + a "
+                f"{QUESTION_TOKENS}-token question, 620 for LLaVA-1.5; {workload.prompt_tokens} for a text-only model)",
             ),
         ),
-        "new_tokens": (("--new-tokens",), dict(type=int, default=128, metavar="N", help="tokens to generate (default: %(default)s)")),
-        "kept_tokens": (("--kept-tokens",), dict(type=int, default=64, metavar="N", help="image tokens kept from layer K on (default: %(default)s)")),
+        "new_tokens": (
+            ("--new-tokens",),
+            dict(type=int, default=workload.new_tokens, metavar="N", help="tokens to generate (default: %(default)s)"),
+        ),
+        "kept_tokens": (
+            ("--kept-tokens",),
+            dict(type=int, default=workload.kept_image_tokens, metavar="N",
+                 help="image tokens kept from layer K on (default: %(default)s)"),
+        ),
         "neuron_fraction": (
             ("--neuron-fraction",),
-            dict(type=float, default=0.4, metavar="F", help="share of FFN neurons in the decode set (default: %(default)s)"),
+            dict(type=float, default=workload.neuron_fraction, metavar="F",
+                 help="share of FFN neurons in the decode set (default: %(default)s)"),
         ),
         "profile_out": (("--out",), dict(metavar="FILE.json", help="also write the profile here, e.g. profiles/my-gpu.json")),
         "scratch": (("--scratch",), dict(default=".", metavar="DIR", help="directory for the disk test file (default: %(default)s)")),
@@ -286,7 +312,6 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
 
 
 CALIBRATE_NEW_TOKENS = 32  # answers to score, not to read: shorter keeps calibration quick
-CAPTION_NEW_TOKENS = 64
 SHOW_NEW_TOKENS = 32
 SPARSITY_FLAGS = ("mode", "tokens", "token_rank", "neurons", "rho", "beta", "prune_layer", "dense_above", "dense_layers",
                   "keep_early_kv", "no_recycle", "rank_scale")
@@ -336,6 +361,7 @@ def _commands():
     from edgecm_cli.caption import cmd_caption
     from edgecm_cli.chat import cmd_chat
     from edgecm_cli.show import cmd_show
+    from runtime.captioning import CAPTION_NEW_TOKENS
 
     model = ("model", "device", "dtype", "resident", "run_budget", "quant", "min_pixels", "max_pixels")
     sampling = ("max_new_tokens", "temperature", "top_p", "seed")
@@ -379,7 +405,7 @@ def _commands():
             "Answer a prompt set densely, teacher-force candidate neuron budgets on those answers, and write "
             "the cheapest one meeting --target to edgecm-calibration.json beside the checkpoint, which the "
             "other commands then use. Progress on stderr, the result on stdout.",
-            ("image", "prompts", "limit", "target", "max_new_tokens", *model, "dense_above", "json"),
+            ("image", "prompts", "limit", "target", "max_new_tokens", *model, "dense_above", "calibrate_json"),
             cmd_calibrate,
             {"max_new_tokens": CALIBRATE_NEW_TOKENS},
         ),
@@ -389,7 +415,7 @@ def _commands():
             "prefill and decode phases under --budget on a device profile. Works from a checkpoint, a config.json "
             "alone, or a published --shape. A budget nothing fits in is refused with the smallest that would work.",
             ("model", "shape", "budget", "profile", "weights", "prompt_tokens", "new_tokens", "kept_tokens",
-             "neuron_fraction", "batch_size", "json"),
+             "neuron_fraction", "batch_size", "plan_json"),
             cmd_plan,
             {"batch_size": 1},
         ),
@@ -406,8 +432,12 @@ def _commands():
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from edgecm import __version__
+
     flags = _flag_registry()
     parser = _Parser(prog="edgecm", description="CoreMatching inference for LLaVA-family models on small GPUs.")
+    # argparse's version action prints and exits as it is parsed, before the missing COMMAND is noticed.
+    parser.add_argument("--version", action="version", version=f"edgecm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
     for name, (summary, description, flag_names, handler, overrides) in _commands().items():
         command = sub.add_parser(name, help=summary, description=description)
@@ -420,13 +450,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def demo_directory():
+    """The demo checkpoint, built first if need be; a build is said on stderr as it starts, as it writes
+    some hundreds of MiB the user did not ask for by name."""
+    from edgecm.demo import demo_checkpoint_dir
+
+    def say(path, size: int) -> None:
+        print(f"edgecm: building the demo model into {path} (about {size / 2**20:.0f} MiB, once); "
+              f"set EDGECM_HOME to keep it elsewhere", file=sys.stderr)
+
+    return demo_checkpoint_dir(on_build=say)
+
+
 def open_model(path: str | None):
     from edgecm.checkpoint import open_checkpoint
-    from edgecm.demo import DEMO_NOTICE, demo_checkpoint_dir
+    from edgecm.demo import DEMO_NOTICE
 
     if path is None:
         print(f"edgecm: {DEMO_NOTICE}", file=sys.stderr)
-        return open_checkpoint(demo_checkpoint_dir()), "demo"
+        return open_checkpoint(demo_directory()), "demo"
     return open_checkpoint(path), path
 
 
@@ -463,6 +505,7 @@ def load_model(args: argparse.Namespace) -> Loaded:
     calibration = load_calibration(checkpoint.path)
     sparsity = sparsity_from_flags(args, calibration)
     sparsity.check_layers(checkpoint.config.text.num_layers)  # only config.json has been read so far
+    check_model_takes_inputs(args, checkpoint, model_name)
     notice = demo_pruning_notice(model_name, sparsity)
     if notice and any(getattr(args, name, None) for name in ("image", "video", "inputs")):
         print(f"edgecm: {notice}", file=sys.stderr)
@@ -485,6 +528,26 @@ def load_model(args: argparse.Namespace) -> Loaded:
         calibration=calibration,
         generation=generation,
     )
+
+
+def check_model_takes_inputs(args: argparse.Namespace, checkpoint, model_name: str) -> None:
+    """Refuse --image, --video or --videos that the model cannot take, from its config.json alone, so
+    the refusal comes before any weight is read."""
+    from edgecm.errors import EdgecmError
+    from edgecm.families import FAMILIES
+
+    if not checkpoint.config.is_multimodal:
+        if getattr(args, "image", None):
+            raise EdgecmError(f"--image: {model_name} is a text-only model and takes no image; drop --image or "
+                              f"pass --model a vision-language checkpoint")
+        if getattr(args, "inputs", None):
+            raise EdgecmError(f"{model_name}: a text-only model cannot caption images; pass --model a "
+                              f"vision-language checkpoint")
+    flag = "--video" if getattr(args, "video", None) else "--videos" if getattr(args, "videos", False) else None
+    if flag and not checkpoint.family.takes_video:
+        with_video = ", ".join(a for f in FAMILIES if f.takes_video for a in f.architectures)
+        raise EdgecmError(f"{flag}: {model_name} ({checkpoint.family.name}) takes no video; drop {flag} or pass "
+                          f"--model a checkpoint that does ({with_video})")
 
 
 def batch_size_flag(text: str) -> int | str:
@@ -528,20 +591,16 @@ def stats_line(result) -> str:
 
 
 def format_bytes(n: int | None) -> str:
-    if n is None:
-        return "n/a"
-    if n < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KiB", "MiB", "GiB"):
-        n /= 1024
-        if n < 1024 or unit == "GiB":
-            return f"{n:.2f} {unit}"
+    from runtime.planner import format_size
+
+    return "n/a" if n is None else format_size(n)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from edgecm.prompt import TextStream
     from edgecm.video import VideoOptions, read_video
     from edgecm.vision import load_image
+    from edgecm_cli.terminal import for_stream
 
     check_generation_flags(args)
     sparsity_from_flags(args)  # bad flags and bad input fail before the model loads
@@ -551,13 +610,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     builder = loaded.builder
     prompt = builder.build(args.question, image, video)
     stream = TextStream(builder)
+    visible = for_stream(sys.stdout)  # control characters escaped on a terminal, exact into a pipe
     pipe = {"closed": False}
 
     def show(token: int) -> None:
         piece = stream.push(token)
         if piece and not args.json and not pipe["closed"]:
             try:
-                sys.stdout.write(piece)
+                sys.stdout.write(visible(piece))
                 sys.stdout.flush()
             except BrokenPipeError:  # the reader left (| head): stop generating, keep the stats
                 quiet_broken_pipe()

@@ -69,6 +69,11 @@ def expand_inputs(inputs: list[str], videos: bool = False) -> list[Path]:
     return [Path(key) for key in unique]
 
 
+def plural(n: int, noun: str) -> str:
+    """'1 image', '2 images', '0 errors': the summaries count anything from none to millions."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
@@ -213,7 +218,8 @@ def still_to_caption(out: Path, paths: list[Path]) -> list[Path]:
     """The paths ``out`` does not hold yet (after recovering it), said on stderr."""
     done = recover(out)
     todo = [p for p in paths if str(p) not in done]
-    print(f"edgecm: {len(paths)} images, {len(paths) - len(todo)} already in {out}, {len(todo)} to caption", file=sys.stderr)
+    print(f"edgecm: {plural(len(paths), 'image')}, {len(paths) - len(todo)} already in {out}, {len(todo)} to caption",
+          file=sys.stderr)
     return todo
 
 
@@ -229,9 +235,7 @@ def _caption(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
     todo = still_to_caption(out, paths)
     if not todo:
         return 0
-    loaded = load_model(args)
-    if not loaded.checkpoint.config.is_multimodal:
-        raise EdgecmError(f"{loaded.model_name}: a text-only model cannot caption images; pass --model a LLaVA checkpoint")
+    loaded = load_model(args)  # a text-only model, or --videos for one without video, is refused before it loads
     # A prompt the model cannot take is refused here, before OUT is touched.
     captioner = Captioner(
         loaded.engine, loaded.builder, loaded.model_name, prompt=args.prompt, generation=loaded.generation,
@@ -262,14 +266,14 @@ def _caption(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
         if not is_interrupt(exc):
             raise
         print(
-            f"edgecm: interrupted after {written} of {len(todo)} images; every finished line is saved in {out}; "
+            f"edgecm: interrupted after {written} of {plural(len(todo), 'image')}; every finished line is saved in {out}; "
             f"run the same command again to resume",
             file=sys.stderr,
         )
         return 130
     finally:
         writer.close()
-    print(f"edgecm: wrote {len(todo)} lines to {out} ({errors} errors)", file=sys.stderr)
+    print(f"edgecm: wrote {plural(len(todo), 'line')} to {out} ({plural(errors, 'error')})", file=sys.stderr)
     return 0
 
 
@@ -278,17 +282,20 @@ def _caption_ray(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from edgecm.demo import demo_checkpoint_dir
+    from edgecm.checkpoint import open_checkpoint
     from edgecm.sparsity import load_calibration
-    from edgecm_cli import sparsity_from_flags
+    from edgecm_cli import check_model_takes_inputs, demo_directory, sparsity_from_flags
     from runtime.captioning import AUTO_BATCH_LIMIT
     from runtime.ray_captioning import WorkerSpec, caption_on_ray, connect, placement_for
 
     todo = still_to_caption(out, paths)
     if not todo:
         return 0
+    path = Path(args.model) if args.model else demo_directory()
+    # What `edgecm caption` refuses before loading, refused here before any worker starts (config.json only).
+    check_model_takes_inputs(args, open_checkpoint(path), args.model or "demo")
     # The same settings `edgecm caption` would use: the flags over the checkpoint's calibration record.
-    sparsity = sparsity_from_flags(args, load_calibration(Path(args.model) if args.model else demo_checkpoint_dir()))
+    sparsity = sparsity_from_flags(args, load_calibration(path))
     ray = connect(None if args.ray == "local" else args.ray)
     place = placement_for(ray, args.device, args.workers)
     spec = WorkerSpec(
@@ -321,10 +328,10 @@ def _caption_ray(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
     except BaseException as exc:
         if not is_interrupt(exc):
             raise
-        print(f"edgecm: interrupted after {written} of {len(todo)} images; every finished line is saved in {out}; "
+        print(f"edgecm: interrupted after {written} of {plural(len(todo), 'image')}; every finished line is saved in {out}; "
               f"run the same command again to resume", file=sys.stderr)
         return 130
     finally:
         writer.close()
-    print(f"edgecm: wrote {written} lines to {out} ({errors} errors)", file=sys.stderr)
+    print(f"edgecm: wrote {plural(written, 'line')} to {out} ({plural(errors, 'error')})", file=sys.stderr)
     return 0 if written == len(todo) else 1

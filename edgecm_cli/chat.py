@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 import signal
+import sys
 import time
 
 from edgecm.errors import EdgecmError
+from edgecm_cli.terminal import escape_controls
 
 HELP = """commands:
   /image PATH   attach or replace the image (it goes with your next message)
@@ -125,8 +127,8 @@ class Chat:
         if not path:
             self.console.print("[red]/video needs a video file or a folder of frames[/], e.g. /video clip.mp4")
             return
-        if not self.loaded.checkpoint.config.is_multimodal:
-            self.console.print("[red]this is a text-only model; it cannot take a video[/]")
+        if not self.loaded.checkpoint.family.takes_video:
+            self.console.print("[red]this model takes no video[/]; /image attaches an image")
             return
         try:
             self.video = read_video(path, self.video_options or VideoOptions())
@@ -205,7 +207,7 @@ class Chat:
                     now = time.perf_counter()
                     counter["first"] = counter["first"] or now
                     counter["tokens"] += 1
-                    shown.append(stream.push(token))
+                    shown.append(escape_controls(stream.push(token)))  # the chat screen is a terminal's
                     elapsed = now - counter["first"]
                     rate = (counter["tokens"] - 1) / elapsed if elapsed > 0 else 0.0
                     live.update(Group(shown, self.panel({"tokens": counter["tokens"], "rate": rate})))
@@ -222,6 +224,8 @@ class Chat:
                 live.update(Group(shown, self.panel()))
         finally:
             signal.signal(signal.SIGINT, previous)
+            if not self.console.is_terminal:  # rich ends a live view with a newline on terminals only
+                self.console.line()
         if result.stop_reason == "interrupted":
             self.console.print("[yellow](answer stopped)[/]")
         self.turns = turns + [("assistant", loaded.builder.decode(result.token_ids))]
@@ -232,6 +236,8 @@ class Chat:
         while True:
             try:
                 line = self.console.input("[bold green]you>[/] ")
+                if not sys.stdin.isatty():  # nothing echoed what was read: show it, ending the prompt's line
+                    self.console.print(escape_controls(line), markup=False)
             except EOFError:
                 self.console.print()
                 return 0
@@ -262,9 +268,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     image = load_image(args.image) if args.image else None
     options = VideoOptions(args.fps, args.max_frames)
     video = read_video(args.video, options) if args.video else None  # a bad folder fails before the model loads
-    loaded = load_model(args)
-    if image is not None and not loaded.checkpoint.config.is_multimodal:
-        raise EdgecmError("this is a text-only model; drop --image or pass --model a LLaVA checkpoint")
+    loaded = load_model(args)  # refuses an --image or --video the model cannot take before loading it
     chat = Chat(loaded, Console(highlight=False), image, args.image, options)
     chat.video, chat.video_path = video, args.video
     return chat.loop()

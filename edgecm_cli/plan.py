@@ -39,7 +39,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from edgecm_cli import format_bytes
-    from runtime.planner import Workload, largest_batch, load_profile, make_plan, model_sizes, parse_bytes
+    from runtime.planner import (
+        Workload, format_min_budget, largest_batch, load_profile, make_plan, model_sizes, parse_bytes,
+    )
 
     budget = parse_bytes(args.budget)
     profile = load_profile(args.profile)
@@ -97,7 +99,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     console.print(
         f"streams {layers} layers of {format_bytes(sizes.layer)} in prefill; KV {format_bytes(sizes.kv_per_token)} per token; "
         f"usable {format_bytes(plan.usable)} after {format_bytes(profile.reserved_bytes)} reserved; "
-        f"smallest workable budget {format_bytes(plan.min_budget)}"
+        f"smallest workable budget {format_min_budget(plan.min_budget)}"
     )
     if plan.layers_resident:
         console.print("the whole model fits: every layer stays after its first use, later prompts read nothing")

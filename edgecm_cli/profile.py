@@ -12,6 +12,14 @@ from edgecm.errors import EdgecmError
 
 FULL = dict(disk=1024 * 2**20, memory=512 * 2**20, transfer=512 * 2**20, matmul=4096)
 QUICK = dict(disk=64 * 2**20, memory=64 * 2**20, transfer=64 * 2**20, matmul=512)
+# Written into every measured profile, so the file says what its flags mean (JSON has no comments).
+NOTES = {
+    "supports_bf16": "the device can compute in bfloat16 (on CPU: a bfloat16 matmul ran here; on CUDA: torch "
+                     "reports bfloat16 support). It says nothing of speed: see bfloat16_matmul_speedup",
+    "bfloat16_matmul_speedup": "measured bfloat16 matmul TFLOP/s over the default_dtype's (matmul_tflops); "
+                               "above 1, bfloat16 matmuls are faster here",
+    "default_dtype": "what edgecm computes in on this device unless told otherwise (--dtype)",
+}
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -49,9 +57,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
                 key = "h2d_pinned_gbs" if step.endswith("pinned") else "h2d_pageable_gbs"
                 results[key] = measure.host_to_device_gbs(device, sizes["transfer"], pinned=key == "h2d_pinned_gbs")
             else:
-                dtype = getattr(torch, step.split()[1])
-                results.setdefault("matmul_tflops", {})[step.split()[1]] = measure.matmul_tflops(device, dtype, sizes["matmul"])
+                name = step.split()[1]
+                rate = _matmul_or_none(measure, device, getattr(torch, name), sizes["matmul"])
+                if rate is not None:  # a dtype the device cannot multiply in is left out, not guessed
+                    results.setdefault("matmul_tflops", {})[name] = rate
             progress.advance(task)
+    rates = results.get("matmul_tflops", {})
     if cuda:
         nvml = nvml_snapshot(device)
         name = nvml["name"] if nvml["available"] else torch.cuda.get_device_name(device)
@@ -65,18 +76,23 @@ def cmd_profile(args: argparse.Namespace) -> int:
         name = f"{platform.processor() or platform.machine()} CPU, {psutil.cpu_count(logical=False) or psutil.cpu_count()} cores"
         total = psutil.virtual_memory().total
         reserved = psutil.Process().memory_info().rss
-        bf16 = int8 = False
+        bf16 = "bfloat16" in rates  # it computes in bfloat16 if a bfloat16 matmul ran; faster or not
+        int8 = False
+    default_dtype = "float16" if cuda else "float32"
+    speedup = rates["bfloat16"] / rates[default_dtype] if "bfloat16" in rates and rates.get(default_dtype) else None
     profile = {
         "name": name,
         "kind": device.type,
         "memory_bytes": int(total),
         "reserved_bytes": int(reserved),
         "supports_bf16": bf16,
+        "bfloat16_matmul_speedup": None if speedup is None else round(speedup, 2),
         "supports_int8": int8,
-        "default_dtype": "float16" if cuda else "float32",
+        "default_dtype": default_dtype,
         "source": f"measured by edgecm profile{' --quick' if args.quick else ''} on "
         f"{datetime.date.today().isoformat()}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads",
         **{k: round(v, 3) if isinstance(v, float) else {d: round(x, 3) for d, x in v.items()} for k, v in results.items()},
+        "notes": NOTES,
     }
     text = json.dumps(profile, indent=2)
     if args.out:
@@ -89,3 +105,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
         console.print(f"wrote {out}")
     print(text)
     return 0
+
+
+def _matmul_or_none(measure, device, dtype, n: int) -> float | None:
+    """The matmul rate in ``dtype``, or None where the device has no kernel for it (torch raises then)."""
+    try:
+        return measure.matmul_tflops(device, dtype, n)
+    except (RuntimeError, NotImplementedError):
+        return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -191,6 +192,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from edgecm.video import VideoOptions, read_video
     from edgecm.vision import load_image
     from edgecm_cli import check_generation_flags, load_model, sparsity_from_flags
+    from edgecm_cli.terminal import for_stream
 
     check_generation_flags(args)
     if not sparsity_from_flags(args).prunes_tokens:
@@ -207,9 +209,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         raise EdgecmError("show draws one image or one video; pass --image PATH or --video DIR")
     image = load_image(args.image) if args.image else None
     video = read_video(args.video, VideoOptions(args.fps, args.max_frames)) if args.video else None
-    loaded = load_model(args)
-    if not loaded.checkpoint.config.is_multimodal:
-        raise EdgecmError("show needs a vision-language checkpoint: a text-only model has no image tokens")
+    loaded = load_model(args)  # refuses an --image or --video the model cannot take before loading it
     prompt = loaded.builder.build(args.question, image, video)
     result = loaded.engine.generate(prompt, loaded.generation, loaded.builder.stop_token_ids, sparsity=loaded.sparsity)
     rows, cols = grid = loaded.checkpoint.family.patch_grid(loaded.checkpoint.config, prompt)
@@ -220,5 +220,5 @@ def cmd_show(args: argparse.Namespace) -> int:
     answer = loaded.builder.decode(result.token_ids).strip()
     width = loaded.checkpoint.config.text.intermediate_size
     frames = render(out, [model_view(v) for v in views], grid, result, loaded.sparsity, args.question, answer, width)
-    print(f"wrote {out}: kept {frames} of {result.image_tokens} image tokens; answer: {answer}")
+    print(f"wrote {out}: kept {frames} of {result.image_tokens} image tokens; answer: {for_stream(sys.stdout)(answer)}")
     return 0

@@ -43,7 +43,7 @@ from edgecm.kv_cache import PAD_ORDER, KVCache
 from edgecm.model import decoder_layer
 from edgecm.prompt import Prompt
 from edgecm.sampling import next_token, seeded_generator
-from edgecm.sparsity import DENSE, SparsitySettings
+from edgecm.sparsity import SparsitySettings
 from edgecm.token_pruning import Rows, TokenPruner
 from runtime.budget import out_of_memory_message
 from runtime.results import GenerationResult, Telemetry
@@ -84,7 +84,7 @@ def generate_batch(
     prompts: list[Prompt],
     settings,
     stop_token_ids: tuple[int, ...] = (),
-    sparsity: SparsitySettings = DENSE,
+    sparsity: SparsitySettings = SparsitySettings(),
     collect_logits: bool = False,
     forced_tokens: list[list[int]] | None = None,
 ) -> list[GenerationResult]:
@@ -95,8 +95,8 @@ def generate_batch(
     the memory report describe the whole batch and are shared by its results:
     decode tokens/s is decode steps per second (each step gives a token to every
     live sequence), and the KV cache bytes are the batch's at their largest.
-    ``forced_tokens`` (one list per prompt) teacher-forces each continuation, as in
-    ``Engine.generate``.
+    ``forced_tokens`` (one list per prompt) teacher-forces each continuation, and ``sparsity``
+    defaults to CoreMatching, as in ``Engine.generate``.
     """
     if not prompts:
         return []

@@ -3,9 +3,13 @@
 ``edgecm caption`` drives this with its output-file guarantees (lock, fsync,
 resume); a Python user or a distributed worker can call it directly:
 
-    captioner = Captioner(engine, builder, "my-model", prompt="Write a short caption for this image.")
+    captioner = Captioner(engine, builder, "my-model")
     for record in captioner.caption(paths):
         ...
+
+Its defaults are ``edgecm caption``'s (the CLI's flags take them from here):
+CAPTION_PROMPT, CAPTION_NEW_TOKENS, CoreMatching with ``SparsitySettings()``,
+batches sized by the planner. The CLI also reads a checkpoint's calibration file.
 
 A record is ``{"path", "prompt", "model", "caption", ...}`` or, for an input
 that cannot be read, ``{"path", "prompt", "model", "error"}``: a bad file is
@@ -20,12 +24,14 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from edgecm.errors import EdgecmError
-from edgecm.sparsity import DENSE, SparsitySettings
+from edgecm.sparsity import SparsitySettings
 from edgecm.video import VIDEO_SUFFIXES, VideoOptions
 
 # --batch-size auto never goes past this: gains flatten well before (bench/results/throughput-*.md), and a
 # kill redoes the batch in flight, so a smaller batch also loses less.
 AUTO_BATCH_LIMIT = 16
+CAPTION_PROMPT = "Write a short caption for this image."
+CAPTION_NEW_TOKENS = 64  # a caption, not an answer to read at length
 
 
 @dataclass
@@ -35,10 +41,10 @@ class Captioner:
     engine: object  # runtime.engine.Engine
     builder: object  # edgecm.prompt.PromptBuilder
     model_name: str
-    prompt: str = "Write a short caption for this image."
-    generation: object = None  # runtime.engine.GenerationSettings; default: greedy, 64 new tokens
-    sparsity: SparsitySettings = DENSE
-    batch_size: int | str = 1
+    prompt: str = CAPTION_PROMPT
+    generation: object = None  # runtime.engine.GenerationSettings; default: greedy, CAPTION_NEW_TOKENS new tokens
+    sparsity: SparsitySettings = field(default_factory=SparsitySettings)
+    batch_size: int | str = "auto"
     video_options: VideoOptions = field(default_factory=VideoOptions)
     folders_are_videos: bool = False  # a folder input is one video of frames (caption --videos)
 
@@ -46,7 +52,7 @@ class Captioner:
         from runtime.engine import GenerationSettings
 
         if self.generation is None:
-            self.generation = GenerationSettings(max_new_tokens=64)
+            self.generation = GenerationSettings(max_new_tokens=CAPTION_NEW_TOKENS)
         if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise EdgecmError(f"--batch-size {self.batch_size}: use a whole number of at least 1, or auto")
         self.builder.check_text(self.prompt)

@@ -29,7 +29,7 @@ from edgecm.prompt import Prompt
 from edgecm.quant import check_supported, linear
 from edgecm.rope import Rotary
 from edgecm.sampling import SamplingSettings, next_token, seeded_generator
-from edgecm.sparsity import DENSE, SparsitySettings
+from edgecm.sparsity import SparsitySettings
 from edgecm.token_pruning import TEXT, Rows, TokenPruner
 from runtime.budget import detect_profile, enforce, out_of_memory_message, resolve_budget
 from runtime.placement import DecodePlacement
@@ -61,6 +61,9 @@ def resolve_dtype(name: str | None, device: torch.device, checkpoint_dtype: str)
     if checkpoint_dtype == "bfloat16" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float16
+
+
+DEFAULT_DEVICE = "cpu"  # the one every machine has; --device cuda asks for the GPU
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ class Engine:
     def __init__(
         self,
         checkpoint: Checkpoint,
-        device: str = "cpu",
+        device: str = DEFAULT_DEVICE,
         dtype: str | None = None,
         resident: bool = False,
         budget: str | None = None,
@@ -368,12 +371,16 @@ class Engine:
         stop_token_ids: tuple[int, ...] = (),
         on_token: TokenCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
-        sparsity: SparsitySettings = DENSE,
+        sparsity: SparsitySettings = SparsitySettings(),
         forced_tokens: list[int] | None = None,
         collect_logits: bool = False,
         fixed_neurons: list[torch.Tensor | None] | None = None,
     ) -> GenerationResult:
         """Prefill the prompt, then decode up to ``settings.max_new_tokens`` tokens.
+
+        ``sparsity`` defaults to CoreMatching with ``SparsitySettings()``'s defaults, as ``edgecm run``
+        runs it (less a checkpoint's calibration file, which the CLI reads); ``edgecm.sparsity.DENSE``
+        runs the dense model.
 
         ``forced_tokens`` teacher-forces the continuation (its tokens are fed
         instead of the model's choices; stopping rules still apply) and

@@ -21,6 +21,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from pathlib import Path
 
 from edgecm.config import ModelConfig
@@ -44,7 +45,7 @@ class DeviceProfile:
     h2d_pageable_gbs: float | None = None
     disk_read_gbs: float | None = None
     matmul_tflops: dict = field(default_factory=dict)
-    supports_bf16: bool = False
+    supports_bf16: bool = False  # can compute in bfloat16; whether that is faster is matmul_tflops' to say
     supports_int8: bool = False
     default_dtype: str = "float16"
     source: str = ""
@@ -76,13 +77,38 @@ def parse_bytes(text: str) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGTP]?)(i?B?)\s*", text, flags=re.IGNORECASE)
     if not match:
         raise EdgecmError(f"--budget {text}: use a positive size in bytes, KiB, MiB, GiB or TiB, e.g. 12GiB, 11.5G, 800MiB")
-    value, prefix, suffix = float(match.group(1)), match.group(2).upper(), match.group(3)
+    value, prefix, suffix = Fraction(match.group(1)), match.group(2).upper(), match.group(3)
     power = " KMGTP".index(prefix) if prefix else 0
     base = 1000 if suffix.upper() == "B" and prefix else 1024
-    size = int(value * base**power)
+    # Exact, and a part byte counts as a byte: "1.99GiB" is at least 1.99 GiB, so a figure printed by
+    # format_size comes back as the same figure.
+    size = math.ceil(value * base**power)
     if size <= 0:
         raise EdgecmError(f"--budget {text}: must be more than zero, e.g. 12GiB")
     return size
+
+
+SIZE_UNITS = (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024))
+
+
+def format_size(n: int, rounding: str = "nearest") -> str:
+    """``n`` bytes with two decimals in the largest binary unit below it: '1.98 GiB', '614.40 MiB', '512 B'.
+
+    ``rounding`` is "nearest", "up" or "down", done exactly (no float on the way). A smallest budget is
+    printed rounded up and a refused one rounded down, so each figure stays on its side of the line.
+    """
+    if n < 1024:
+        return f"{n:.0f} B"
+    name, unit = next((name, unit) for name, unit in SIZE_UNITS if n >= unit)
+    hundredths = Fraction(n) * 100 / unit
+    value = {"nearest": round, "up": math.ceil, "down": math.floor}[rounding](hundredths)
+    return f"{value // 100}.{value % 100:02d} {name}"
+
+
+def format_min_budget(n: int) -> str:
+    """The smallest workable budget, as every message prints it: rounded up, so ``--budget`` accepts the
+    figure as printed (1.983 GiB shown as 1.98 GiB would be refused)."""
+    return format_size(n, "up")
 
 
 @dataclass(frozen=True)
@@ -227,15 +253,15 @@ def make_plan(
     )
     usable = budget - profile.reserved_bytes
     if budget < min_budget:
-        need = f"{math.ceil(min_budget / GiB * 100) / 100:.2f} GiB"
+        need, have = format_min_budget(min_budget), format_size(budget, "down")
         if w.batch > 1:
             raise EdgecmError(
-                f"a batch of {w.batch} does not fit in {budget / GiB:.2f} GiB even with every layer streamed: it "
+                f"a batch of {w.batch} does not fit in {have} even with every layer streamed: it "
                 f"needs at least {need} on {profile.name} (KV cache and activations grow with the batch); "
                 f"lower --batch-size, use --batch-size auto, or raise --budget"
             )
         raise EdgecmError(
-            f"budget {budget / GiB:.2f} GiB is too small for this model even with every layer streamed: "
+            f"budget {have} is too small for this model even with every layer streamed: "
             f"it needs at least {need} on {profile.name}; raise --budget"
         )
     # The decode set is gathered layer by layer during prefill, so it must fit beside prefill's working set too.

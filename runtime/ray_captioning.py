@@ -27,7 +27,11 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from edgecm.errors import EdgecmError
-from edgecm.sparsity import DENSE, SparsitySettings
+from edgecm.sampling import SamplingSettings
+from edgecm.sparsity import SparsitySettings
+from edgecm.video import VideoOptions
+from runtime.captioning import CAPTION_NEW_TOKENS, CAPTION_PROMPT, Captioner
+from runtime.engine import DEFAULT_DEVICE, Engine, GenerationSettings
 
 RAY_INSTALL = "pip install 'edgecm[ray]'"
 
@@ -44,25 +48,28 @@ def require_ray():
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What every actor needs to build its own Captioner: plain values, sent to each worker once."""
+    """What every actor needs to build its own Captioner: plain values, sent to each worker once.
+
+    The defaults are read off the dataclasses that own them, so they are `edgecm caption`'s.
+    """
 
     model: str | None  # checkpoint directory or .gguf; None: the demo
-    prompt: str
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    sparsity: SparsitySettings = DENSE
-    batch_size: int | str = "auto"
-    device: str = "cpu"
+    prompt: str = CAPTION_PROMPT
+    max_new_tokens: int = CAPTION_NEW_TOKENS
+    temperature: float = SamplingSettings.temperature
+    top_p: float = SamplingSettings.top_p
+    seed: int = SamplingSettings.seed
+    sparsity: SparsitySettings = field(default_factory=SparsitySettings)
+    batch_size: int | str = Captioner.batch_size
+    device: str = DEFAULT_DEVICE
     dtype: str | None = None
     budget: str | None = None
     quant: str | None = None
     resident: bool = False
     min_pixels: int | None = None
     max_pixels: int | None = None
-    fps: float = 2.0
-    max_frames: int = 768
+    fps: float = VideoOptions.fps
+    max_frames: int = VideoOptions.max_frames
     folders_are_videos: bool = False
     threads: int = 1  # torch threads per CPU actor
     model_name: str = field(default="", compare=False)
@@ -75,10 +82,6 @@ def build_captioner(spec: WorkerSpec):
     from edgecm.checkpoint import open_checkpoint
     from edgecm.demo import demo_checkpoint_dir
     from edgecm.prompt import PromptBuilder
-    from edgecm.sampling import SamplingSettings
-    from edgecm.video import VideoOptions
-    from runtime.captioning import Captioner
-    from runtime.engine import Engine, GenerationSettings
 
     if spec.device == "cpu":
         torch.set_num_threads(spec.threads)

@@ -11,8 +11,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import (  # noqa: E402
-    tiny_llama, tiny_llava, tiny_qwen2_5_vl, write_test_frames, write_test_image, write_wide_image,
+    tiny_llama, tiny_llava, tiny_parrot, tiny_qwen2_5_vl, write_test_frames, write_test_image, write_wide_image,
 )
+
+CONTROL_ANSWER = "\x13"  # ^S: stops a terminal's output, so it must reach one escaped
 
 
 def _built_once(tmp_path_factory, builder, name):
@@ -42,6 +44,14 @@ def build_llama(tmp_path_factory):
 @pytest.fixture(scope="session")
 def build_qwen2_5_vl(tmp_path_factory):
     return _built_once(tmp_path_factory, tiny_qwen2_5_vl, "qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def control_parrot(tmp_path_factory) -> Path:
+    """A tiny Llama that answers every prompt with CONTROL_ANSWER, once per generated token."""
+    out = tmp_path_factory.mktemp("parrot")
+    tiny_parrot(out, CONTROL_ANSWER)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -175,6 +175,34 @@ def test_plan_refuses_negative_sizes(flags, message):
     assert done.returncode == 2 and message in one_error_line(done.stderr)
 
 
+@pytest.mark.parametrize("command, flag", [
+    (["run", "-q", "hi", "--video", "FRAMES"], "--video"),
+    (["chat", "--video", "FRAMES"], "--video"),
+    (["show", "-q", "hi", "--video", "FRAMES", "--out", "OUT.png"], "--video"),
+    (["caption", "--videos", "FRAMES", "--out", "OUT.jsonl"], "--videos"),
+])
+def test_video_for_a_model_without_video_is_refused_before_it_loads(build_llava, frames_dir, tmp_path, command, flag):
+    model_dir, _ = build_llava(**TINY)
+    command = [str(frames_dir) if a == "FRAMES" else str(tmp_path / a) if a.startswith("OUT") else a for a in command]
+    # --device is first checked as the engine is built: a refusal naming the video flag instead means the
+    # model was judged from its config.json alone, before any weight was read.
+    done = edgecm(*command, "--model", str(model_dir), "--device", "not-a-device")
+    line = one_error_line(done.stderr)
+    assert done.returncode == 2 and f"{flag}: {model_dir} (llava) takes no video" in line, line
+    assert "Qwen2_5_VLForConditionalGeneration" in line
+
+
+@pytest.mark.parametrize("command, message", [
+    (["run", "-q", "hi", "--image", "IMAGE"], "--image: MODEL is a text-only model"),
+    (["caption", "IMAGE", "--out", "OUT.jsonl"], "MODEL: a text-only model cannot caption images"),
+])
+def test_an_image_for_a_text_only_model_is_refused_before_it_loads(build_llama, image_path, tmp_path, command, message):
+    model_dir, _ = build_llama()
+    command = [str(image_path) if a == "IMAGE" else str(tmp_path / a) if a.startswith("OUT") else a for a in command]
+    done = edgecm(*command, "--model", str(model_dir), "--device", "not-a-device")
+    assert done.returncode == 2 and message.replace("MODEL", str(model_dir)) in one_error_line(done.stderr)
+
+
 def test_a_budget_beyond_the_device_means_all_of_it(build_llava):
     model_dir, _ = build_llava(**TINY)
     done = edgecm("run", "--model", str(model_dir), "-q", "hi", "--budget", "1PiB", "--max-new-tokens", "2")

@@ -109,12 +109,12 @@ def test_sampling_seeds_and_lengths_act_per_sequence(llava):
     engine, builder, prompts = llava
     settings = [GenerationSettings(max_new_tokens=n, sampling=SamplingSettings(temperature=0.9, top_p=0.95, seed=s))
                 for n, s in ((5, 1), (12, 2), (3, 3))]
-    batched = generate_batch(engine, prompts, settings, builder.stop_token_ids)
-    singles = [engine.generate(p, s, builder.stop_token_ids) for p, s in zip(prompts, settings)]
+    batched = generate_batch(engine, prompts, settings, builder.stop_token_ids, sparsity=DENSE)
+    singles = [engine.generate(p, s, builder.stop_token_ids, sparsity=DENSE) for p, s in zip(prompts, settings)]
     assert [b.token_ids for b in batched] == [s.token_ids for s in singles]
     assert [b.stop_reason for b in batched] == [s.stop_reason for s in singles]
     assert all(len(b.token_ids) <= s.max_new_tokens for b, s in zip(batched, settings))
-    again = generate_batch(engine, prompts, settings, builder.stop_token_ids)
+    again = generate_batch(engine, prompts, settings, builder.stop_token_ids, sparsity=DENSE)
     assert [b.token_ids for b in again] == [b.token_ids for b in batched]  # reproducible
 
 
@@ -122,11 +122,11 @@ def test_a_sequence_that_stops_leaves_the_batch(llava):
     """Greedy tokens of the tiny model are known from a single run; make one of them the stop token, so
     one sequence ends early while the others run on."""
     engine, _, prompts = llava
-    probe = engine.generate(prompts[0], FORCED_LENGTH)
+    probe = engine.generate(prompts[0], FORCED_LENGTH, sparsity=DENSE)
     stop = probe.token_ids[2]
     settings = GenerationSettings(max_new_tokens=NEW_TOKENS)
-    singles = [engine.generate(p, settings, (stop,), collect_logits=True) for p in prompts]
-    batched = generate_batch(engine, prompts, settings, (stop,), collect_logits=True)
+    singles = [engine.generate(p, settings, (stop,), collect_logits=True, sparsity=DENSE) for p in prompts]
+    batched = generate_batch(engine, prompts, settings, (stop,), collect_logits=True, sparsity=DENSE)
     assert singles[0].stop_reason == "eos" and len(singles[0].token_ids) <= 3
     assert any(s.stop_reason == "length" for s in singles)
     assert_same(singles, batched)
@@ -159,9 +159,9 @@ def test_batched_llama_streamed_equals_alone(build_llama):
     engine = Engine(checkpoint)
     plan = engine.plan_for(max(p.num_tokens for p in prompts), 0, NEW_TOKENS, DENSE, batch=3)
     streamed = Engine(checkpoint, budget=str(plan.min_budget))
-    singles = [streamed.generate(p, FORCED_LENGTH, collect_logits=True) for p in prompts]
+    singles = [streamed.generate(p, FORCED_LENGTH, collect_logits=True, sparsity=DENSE) for p in prompts]
     single_reads = singles[0].memory.decode_weights_read_bytes
-    batched = generate_batch(streamed, prompts, FORCED_LENGTH, collect_logits=True)
+    batched = generate_batch(streamed, prompts, FORCED_LENGTH, collect_logits=True, sparsity=DENSE)
     assert streamed.last_plan.name == "decode set streams"
     assert_same(singles, batched)
     # the batch reads the weights once per step for all three, as one sequence alone does
@@ -177,5 +177,5 @@ def test_a_batch_the_budget_cannot_hold_is_refused_with_the_numbers(build_llama)
     floor = engine.plan_for(prompt.num_tokens, 0, NEW_TOKENS, DENSE).min_budget
     tight = Engine(checkpoint, budget=str(floor))
     with pytest.raises(EdgecmError, match=r"a batch of 64 does not fit in .* needs at least .* GiB") as err:
-        generate_batch(tight, [prompt] * 64, FORCED_LENGTH)
+        generate_batch(tight, [prompt] * 64, FORCED_LENGTH, sparsity=DENSE)
     assert "--batch-size" in str(err.value) and "\n" not in str(err.value)

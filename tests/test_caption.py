@@ -205,16 +205,55 @@ def test_captioner_library_yields_errors_at_once_and_captions_in_batches(build_l
     from edgecm.checkpoint import open_checkpoint
     from edgecm.prompt import PromptBuilder
     from runtime.captioning import Captioner
+    from edgecm.sparsity import DENSE
     from runtime.engine import Engine, GenerationSettings
 
     model_dir, _ = build_llava(**TINY)
     root, good = corpus
     checkpoint = open_checkpoint(model_dir)
     captioner = Captioner(Engine(checkpoint), PromptBuilder(checkpoint), "tiny",
-                          generation=GenerationSettings(max_new_tokens=4), batch_size=2)
+                          generation=GenerationSettings(max_new_tokens=4), batch_size=2, sparsity=DENSE)
     inputs = [good[0], root / "notes.png", good[1], good[2]]
     records = list(captioner.caption(inputs))
     assert [r["path"] for r in records] == [str(p) for p in (root / "notes.png", good[0], good[1], good[2])]
     assert "error" in records[0] and [r["batch_size"] for r in records[1:]] == [2, 2, 1]
     with pytest.raises(EdgecmError, match="--batch-size 0"):
         Captioner(captioner.engine, captioner.builder, "tiny", batch_size=0)
+
+
+def test_the_captioner_with_its_defaults_captions_as_the_cli_does(build_llava, corpus, tmp_path, capsys):
+    """The README's promise: Captioner(engine, builder, name) gives `edgecm caption`'s records (same prompt,
+    token count, CoreMatching settings and batching), the CLI only adding the output file."""
+    from edgecm.checkpoint import open_checkpoint
+    from edgecm.prompt import PromptBuilder
+    from runtime.captioning import Captioner
+    from runtime.engine import Engine
+
+    model_dir, _ = build_llava(**TINY)
+    _, good = corpus
+    out = tmp_path / "captions.jsonl"
+    assert edgecm_cli.main(["caption", *map(str, good), "--out", str(out), "--model", str(model_dir)]) == 0
+    capsys.readouterr()
+    checkpoint = open_checkpoint(model_dir)
+    library = list(Captioner(Engine(checkpoint), PromptBuilder(checkpoint), str(model_dir)).caption(good))
+    timed = ("batch_s", "prefill_s", "decode_tokens_per_s")
+    cli = [{k: v for k, v in r.items() if k not in timed} for r in read_lines(out)]
+    assert [{k: v for k, v in r.items() if k not in timed} for r in library] == cli
+    assert cli[0]["settings"]["sparsity"]["mode"] == "corematching" and cli[0]["kept_image_tokens"] < 16
+
+
+def test_caption_summaries_count_in_words(build_llava, corpus, tmp_path):
+    model_dir, _ = build_llava(**TINY)
+    root, good = corpus
+
+    def caption(*inputs, out) -> str:
+        done = subprocess.run([sys.executable, "-m", "edgecm_cli", "caption", *map(str, inputs), "--out", str(out),
+                               "--model", str(model_dir), "--max-new-tokens", "2"], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    one = caption(good[0], out=tmp_path / "one.jsonl")
+    assert "edgecm: 1 image, 0 already in" in one and "wrote 1 line to" in one and "(0 errors)" in one, one
+    two = caption(good[1], root / "notes.png", out=tmp_path / "two.jsonl")
+    assert "edgecm: 2 images, 0 already in" in two and "wrote 2 lines to" in two and "(1 error)" in two, two

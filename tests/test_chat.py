@@ -23,7 +23,7 @@ def spawn(args, env_extra=None, timeout=90):
     return child
 
 
-def test_chat_commands_and_turns(build_llava, image_path):
+def test_chat_commands_and_turns(build_llava, image_path, frames_dir):
     model_dir, _ = build_llava(**TINY)
     child = spawn(["--model", str(model_dir), "--image", str(image_path), "--max-new-tokens", "6"])
     child.sendline("What is shown?")
@@ -51,6 +51,9 @@ def test_chat_commands_and_turns(build_llava, image_path):
     child.expect(PROMPT)
     child.sendline("/bogus")
     child.expect("unknown command")
+    child.expect(PROMPT)
+    child.sendline(f"/video {frames_dir}")  # a LLaVA model: refused at once, not at the next answer
+    child.expect("this model takes no video")
     child.expect(PROMPT)
     child.sendline("Is <image> a word?")  # a forged placeholder is refused, and the chat goes on
     child.expect("reserves for its prompt format")
@@ -82,3 +85,35 @@ def test_ctrl_c_stops_an_answer_and_ctrl_d_leaves(demo_home):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_control_characters_in_an_answer_are_shown_escaped(control_parrot):
+    from conftest import CONTROL_ANSWER
+
+    child = spawn(["--model", str(control_parrot), "--max-new-tokens", "5"])
+    child.sendline("hi")
+    child.expect(r"(\\x13){5}")
+    shown = child.before + child.after
+    child.expect(PROMPT)
+    shown += child.before
+    assert CONTROL_ANSWER not in shown, repr(shown)
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_piped_chat_starts_each_prompt_on_its_own_line(build_llava):
+    """stdin and stdout not terminals (a script feeding questions): the transcript reads turn by turn."""
+    import subprocess
+
+    model_dir, _ = build_llava(**TINY)
+    done = subprocess.run([sys.executable, "-m", "edgecm_cli", "chat", "--model", str(model_dir), "--max-new-tokens", "3"],
+                          input="What is shown?\n/help\nAnd now?\n", capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "120"})
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert out.count(PROMPT) == 4, out  # three lines read, then end of input
+    assert all(out[i - 1] == "\n" for i in range(len(out)) if out.startswith(PROMPT, i)), out
+    assert f"{PROMPT} What is shown?\n" in out and f"{PROMPT} /help\ncommands:" in out and f"{PROMPT} And now?\n" in out
+    assert "╯\n" in out and "╯" + PROMPT not in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import edgecm_cli
 from edgecm.checkpoint import open_checkpoint
 from edgecm.prompt import PromptBuilder
 from edgecm.vision import load_image
-from edgecm.sparsity import SparsitySettings
+from edgecm.sparsity import DENSE, SparsitySettings
 from runtime.engine import Engine, GenerationSettings
 
 SHARDED = dict(gqa=True, tied=False, layout="v4", sharded=True, chat_template=True)
@@ -77,7 +78,9 @@ def test_run_dense_mode_matches_dense_engine(build_llava, image_path, capsys):
     checkpoint = open_checkpoint(model_dir)
     builder = PromptBuilder(checkpoint)
     prompt = builder.build("What is shown?", load_image(image_path))
-    expected = Engine(checkpoint).generate(prompt, GenerationSettings(max_new_tokens=12), builder.stop_token_ids)
+    expected = Engine(checkpoint).generate(
+        prompt, GenerationSettings(max_new_tokens=12), builder.stop_token_ids, sparsity=DENSE
+    )
     record = json.loads(out)
     assert code == 0 and record["token_ids"] == expected.token_ids and record["kept_image_tokens"] == 16
 
@@ -213,3 +216,85 @@ def test_console_script_error_has_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+def test_version_flag_prints_the_package_version():
+    import edgecm
+
+    result = subprocess.run([sys.executable, "-m", "edgecm_cli", "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"edgecm {edgecm.__version__}\n" and result.stderr == ""
+
+
+def test_control_characters_are_escaped_on_a_terminal_and_exact_elsewhere(control_parrot):
+    import pexpect
+
+    from conftest import CONTROL_ANSWER
+
+    args = ["-m", "edgecm_cli", "run", "--model", str(control_parrot), "-q", "hi", "--max-new-tokens", "12"]
+    # On a terminal (a pseudo-terminal, as a user's): every \x13 arrives as the four characters \x13.
+    shown = pexpect.run(sys.executable, args=args, encoding="utf-8", timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert "\\x13" * 12 in shown and CONTROL_ANSWER not in shown, repr(shown)
+    # Into a pipe: the exact text, as documented.
+    piped = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and piped.stdout == CONTROL_ANSWER * 12 + "\n", repr(piped.stdout)
+    # --json keeps the text exact (JSON escapes it).
+    record = subprocess.run([sys.executable, *args, "--json"], capture_output=True, text=True, timeout=120)
+    assert json.loads(record.stdout)["text"] == CONTROL_ANSWER * 12 and CONTROL_ANSWER not in record.stdout
+
+
+def test_escape_controls_keeps_newlines_tabs_and_text():
+    from edgecm_cli.terminal import escape_controls
+
+    text = "caf\u00e9 \u732b\tcolumn\nline\x1b[2J\x07\r\x7f\x9b"
+    assert escape_controls(text) == "caf\u00e9 \u732b\tcolumn\nline" + r"\x1b[2J\x07\x0d\x7f\x9b"
+    pieces = ["a\x13", "\x13b", "\n"]
+    assert "".join(map(escape_controls, pieces)) == escape_controls("".join(pieces))  # streamed alike
+
+
+def test_cli_defaults_are_the_library_defaults():
+    """One source for every default: a flag left out means what the library means by leaving the field out."""
+    import inspect
+
+    from edgecm.sampling import SamplingSettings
+    from edgecm.video import VideoOptions
+    from runtime.batch import generate_batch
+    from runtime.captioning import CAPTION_NEW_TOKENS, Captioner
+    from runtime.planner import Workload
+    from runtime.ray_captioning import WorkerSpec
+
+    parser = edgecm_cli.build_parser()
+    run = parser.parse_args(["run", "-q", "hi"])
+    assert edgecm_cli.sparsity_from_flags(run) == SparsitySettings()
+    assert inspect.signature(Engine.generate).parameters["sparsity"].default == SparsitySettings()
+    assert inspect.signature(generate_batch).parameters["sparsity"].default == SparsitySettings()
+    assert run.max_new_tokens == GenerationSettings().max_new_tokens
+    assert (run.temperature, run.top_p, run.seed) == tuple(vars(SamplingSettings()).values())
+    assert run.device == inspect.signature(Engine).parameters["device"].default
+    assert (run.fps, run.max_frames) == (VideoOptions().fps, VideoOptions().max_frames)
+
+    caption = parser.parse_args(["caption", "pictures", "--out", "captions.jsonl"])
+    spec = WorkerSpec(model=None)
+    assert caption.prompt == Captioner.prompt == spec.prompt
+    assert caption.max_new_tokens == CAPTION_NEW_TOKENS == spec.max_new_tokens
+    assert caption.batch_size == Captioner.batch_size == spec.batch_size
+    assert edgecm_cli.sparsity_from_flags(caption) == SparsitySettings() == spec.sparsity
+    assert (caption.temperature, caption.top_p, caption.seed, caption.device, caption.fps, caption.max_frames) == (
+        spec.temperature, spec.top_p, spec.seed, spec.device, spec.fps, spec.max_frames)
+
+    plan = parser.parse_args(["plan", "--budget", "12GiB"])
+    workload = Workload()
+    assert (plan.new_tokens, plan.kept_tokens, plan.neuron_fraction) == (
+        workload.new_tokens, workload.kept_image_tokens, workload.neuron_fraction)
+
+
+@pytest.mark.parametrize("command, says, not_says", [
+    ("plan", "print the plan as one JSON object", "text, ids"),
+    ("calibrate", "calibration record", "text, ids"),
+    ("run", "text, ids, timings and memory", "plan"),
+])
+def test_each_command_describes_its_own_json(command, says, not_says):
+    result = subprocess.run([sys.executable, "-m", "edgecm_cli", command, "--help"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "COLUMNS": "400"})
+    line = next(line for line in result.stdout.splitlines() if line.strip().startswith("--json"))
+    assert says in line and not_says not in line, line

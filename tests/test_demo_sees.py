@@ -13,6 +13,7 @@ from edgecm import scenes
 from edgecm.checkpoint import open_checkpoint
 from edgecm.demo import VISION_WEIGHTS, demo_checkpoint_dir
 from edgecm.prompt import PromptBuilder
+from edgecm.sparsity import DENSE
 from runtime.engine import Engine, GenerationSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,8 @@ def test_the_demo_names_colours_shapes_and_whole_scenes_far_above_chance_in_dens
         if question is None:
             continue
         prompt = builder.build(question.text, scene.render())
-        result = engine.generate(prompt, GenerationSettings(max_new_tokens=ANSWER_TOKENS[kind]), builder.stop_token_ids)
+        result = engine.generate(prompt, GenerationSettings(max_new_tokens=ANSWER_TOKENS[kind]), builder.stop_token_ids,
+                                 sparsity=DENSE)
         answers.append(scenes.answer_is_correct(question, builder.decode(result.token_ids)))
     share = sum(answers) / len(answers)
     print(f"{kind} questions right: {sum(answers)} of {len(answers)} ({share:.0%})")

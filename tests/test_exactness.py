@@ -7,6 +7,7 @@ import torch
 
 from edgecm.checkpoint import open_checkpoint
 from edgecm.prompt import PromptBuilder
+from edgecm.sparsity import DENSE
 from edgecm.vision import load_image
 from runtime.engine import Engine, GenerationSettings
 
@@ -15,6 +16,7 @@ from runtime.engine import Engine, GenerationSettings
 # while catching any real divergence (logits here are of order 1-10).
 FP32_LOGIT_ATOL = 1e-4
 GREEDY_TOKENS = 32
+GREEDY = GenerationSettings(max_new_tokens=GREEDY_TOKENS, stop_at_eos=False)
 
 QUESTION = "Describe the picture in one sentence and count the objects."
 
@@ -47,7 +49,7 @@ def test_llava_matches_transformers(variant, build_llava, image_path):
         theirs = reference(input_ids=prompt.input_ids, pixel_values=prompt.pixel_values).logits
     assert_logits_close(ours, theirs, FP32_LOGIT_ATOL)
 
-    result = engine.generate(prompt, GenerationSettings(max_new_tokens=GREEDY_TOKENS, stop_at_eos=False))
+    result = engine.generate(prompt, GREEDY, sparsity=DENSE)
     with torch.no_grad():
         expected = reference.generate(
             input_ids=prompt.input_ids,
@@ -126,7 +128,7 @@ def test_llama_matches_transformers(variant, build_llama):
         theirs = reference(input_ids=prompt.input_ids).logits
     assert_logits_close(engine.forward(prompt), theirs, FP32_LOGIT_ATOL)
 
-    result = engine.generate(prompt, GenerationSettings(max_new_tokens=GREEDY_TOKENS, stop_at_eos=False))
+    result = engine.generate(prompt, GREEDY, sparsity=DENSE)
     with torch.no_grad():
         expected = reference.generate(
             input_ids=prompt.input_ids, max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS, do_sample=False
@@ -149,5 +151,5 @@ def test_cuda_runs_the_same_path(build_llava, image_path):
     with torch.no_grad():
         theirs = reference(input_ids=prompt.input_ids, pixel_values=prompt.pixel_values).logits
     assert_logits_close(engine.forward(prompt).cpu(), theirs, CUDA_FP32_LOGIT_ATOL)
-    result = engine.generate(prompt, GenerationSettings(max_new_tokens=8, stop_at_eos=False))
+    result = engine.generate(prompt, GenerationSettings(max_new_tokens=8, stop_at_eos=False), sparsity=DENSE)
     assert len(result.token_ids) == 8 and result.memory.device_peak_allocated_bytes > 0

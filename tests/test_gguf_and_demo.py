@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from edgecm.checkpoint import open_checkpoint
-from edgecm.demo import DEMO_NOTICE, demo_checkpoint_dir, smollm2_gguf_path
+from edgecm.demo import DEMO_BUILD_BYTES, DEMO_NOTICE, demo_checkpoint_dir, smollm2_gguf_path
 from edgecm.gguf_source import unpermute_rotary_rows
 from edgecm.prompt import PromptBuilder
+from edgecm.sparsity import DENSE
 from edgecm.vision import load_image
 from runtime.engine import Engine, GenerationSettings
 
@@ -52,7 +56,7 @@ def test_gguf_matches_transformers(gguf_reference):
     err = (ours - theirs).abs()
     assert err.max().item() <= REAL_WEIGHTS_LOGIT_ATOL, f"max {err.max().item():.3e} mean {err.mean().item():.3e}"
 
-    result = engine.generate(prompt, GenerationSettings(max_new_tokens=32, stop_at_eos=False))
+    result = engine.generate(prompt, GenerationSettings(max_new_tokens=32, stop_at_eos=False), sparsity=DENSE)
     with torch.no_grad():
         expected = gguf_reference.generate(
             input_ids=prompt.input_ids, max_new_tokens=32, min_new_tokens=32, do_sample=False
@@ -79,10 +83,30 @@ def test_demo_is_built_once_and_answers_with_real_language_weights(demo_home, im
     builder = PromptBuilder(checkpoint)
     engine = Engine(checkpoint, resident=True)
     prompt = builder.build("What is the capital of France?")
-    answer = builder.decode(engine.generate(prompt, GenerationSettings(max_new_tokens=16), builder.stop_token_ids).token_ids)
+    answer = engine.generate(prompt, GenerationSettings(max_new_tokens=16), builder.stop_token_ids, sparsity=DENSE)
+    answer = builder.decode(answer.token_ids)
     assert "Paris" in answer
 
     prompt = builder.build("Describe the image.", load_image(image_path))
     assert prompt.image_positions.numel() == 196
-    result = engine.generate(prompt, GenerationSettings(max_new_tokens=8), builder.stop_token_ids)
+    result = engine.generate(prompt, GenerationSettings(max_new_tokens=8), builder.stop_token_ids, sparsity=DENSE)
     assert result.image_tokens == 196 and len(result.token_ids) >= 1
+
+
+def test_the_first_build_is_said_once_with_its_place_size_and_how_to_move_it(tmp_path):
+    home = tmp_path / "fresh home"
+    env = {**os.environ, "EDGECM_HOME": str(home)}
+
+    def plan() -> list[str]:
+        result = subprocess.run([sys.executable, "-m", "edgecm_cli", "plan", "--budget", "8GiB", "--profile", "generic-cpu"],
+                                capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr
+        return [line for line in result.stderr.splitlines() if "building the demo" in line]
+
+    said = plan()
+    built = next(home.iterdir())
+    assert len(said) == 1 and f"into {built} " in said[0], said
+    assert "265" in said[0] and "MiB" in said[0] and "EDGECM_HOME" in said[0]
+    size = sum(f.stat().st_size for f in built.iterdir())
+    assert abs(size - DEMO_BUILD_BYTES) < 0.02 * DEMO_BUILD_BYTES, f"the build is {size} bytes; update DEMO_BUILD_BYTES"
+    assert plan() == []  # built: nothing more to say

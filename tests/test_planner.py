@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import random
+import re
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -12,10 +17,12 @@ import edgecm_cli
 from edgecm.checkpoint import open_checkpoint
 from edgecm.errors import EdgecmError
 from edgecm.prompt import PromptBuilder
+from edgecm.sparsity import DENSE
 from edgecm_cli.plan import SHAPES_DIR
 from edgecm.config import load_model_config
 from runtime.planner import (
-    GiB, Workload, largest_batch, list_profiles, load_profile, make_plan, model_sizes, parse_bytes,
+    GiB, Workload, format_min_budget, format_size, largest_batch, list_profiles, load_profile, make_plan, model_sizes,
+    parse_bytes,
 )
 from runtime.engine import Engine, GenerationSettings
 
@@ -50,8 +57,45 @@ def test_sizes_match_the_checkpoint_and_the_engine(build_llava, image_path):
     from edgecm.vision import load_image
 
     prompt = PromptBuilder(checkpoint).build("What is shown?", load_image(image_path))
-    result = Engine(checkpoint).generate(prompt, GenerationSettings(max_new_tokens=4, stop_at_eos=False))
+    result = Engine(checkpoint).generate(prompt, GenerationSettings(max_new_tokens=4, stop_at_eos=False),
+                                         sparsity=DENSE)
     assert result.memory.kv_cache_bytes == sizes.kv_per_token * (prompt.num_tokens + 3)
+
+
+def test_a_printed_minimum_budget_is_always_accepted_back():
+    rng = random.Random(0)
+    sizes = [2129154918, 2 * GiB, 2 * GiB + 1, 644245094, 1025, 1023] + [rng.randrange(1, 64 * GiB) for _ in range(2000)]
+    for n in sizes:
+        text = format_min_budget(n)
+        accepted = parse_bytes(text)
+        assert accepted >= n, (n, text)
+        value, unit = text.split()
+        assert unit == format_size(n).split()[1] and accepted - n <= 0.02 * parse_bytes(f"1 {unit}"), (n, text)
+    assert format_min_budget(2129154918) == "1.99 GiB" and format_size(2129154918) == "1.98 GiB"
+    assert format_size(parse_bytes("1.99GiB"), "down") == "1.99 GiB"  # a typed figure reads back as typed
+    for typed in ("1.99 GiB", "1.29 KiB", "1.01 MiB", "614.40 MiB", "3.33 GiB"):
+        assert format_size(parse_bytes(typed), "down") == typed
+
+
+def plan_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgecm_cli", "plan", "--shape", "llava-1.5-7b", "--profile", "titan-xp",
+                           *args], capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_the_minimum_budget_the_plan_command_prints_is_the_one_it_accepts():
+    """The exact minimum (2,129,154,918 bytes, 1.983 GiB) printed as 1.98 GiB was once refused as below 1.99 GiB."""
+    refused = plan_cli("--budget", "1GiB")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    needed = re.search(r"needs at least ([0-9.]+ [KMG]iB)", refused.stderr).group(1)
+    fits = plan_cli("--budget", "4GiB")
+    assert fits.returncode == 0, fits.stderr
+    printed = re.search(r"smallest workable budget ([0-9.]+ [KMG]iB)", fits.stdout).group(1)
+    assert printed == needed == "1.99 GiB"
+    exact = json.loads(plan_cli("--budget", "4GiB", "--json").stdout)["min_budget"]
+    assert exact == 2129154918
+    assert plan_cli("--budget", printed.replace(" ", "")).returncode == 0
+    batch = plan_cli("--budget", printed.replace(" ", ""), "--batch-size", "64")
+    assert batch.returncode == 2 and re.search(r"a batch of 64 does not fit in 1\.99 GiB .*needs at least", batch.stderr)
 
 
 def test_decode_residency_follows_the_budget():

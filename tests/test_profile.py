@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import edgecm_cli
-from runtime.planner import load_profile
+from runtime.planner import list_profiles, load_profile
 
 
 def test_quick_profile_is_usable_by_the_planner(tmp_path, capsys):
@@ -20,6 +20,27 @@ def test_quick_profile_is_usable_by_the_planner(tmp_path, capsys):
     assert not list(tmp_path.glob("edgecm-profile-*"))  # the disk test file is removed
     assert edgecm_cli.main(["plan", "--shape", "llava-1.5-7b", "--budget", "16GiB", "--profile", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["profile"] == profile.name
+
+    # supports_bf16 means "computes in bfloat16" (a bfloat16 matmul ran); the speed is a figure beside it.
+    rates = printed["matmul_tflops"]
+    assert printed["supports_bf16"] == profile.supports_bf16 == ("bfloat16" in rates)
+    if "bfloat16" in rates:  # the ratio of the measured rates, which are printed rounded to 0.001
+        bf16, fp32, half = rates["bfloat16"], rates["float32"], 0.0005
+        assert (bf16 - half) / (fp32 + half) - 0.005 <= printed["bfloat16_matmul_speedup"] <= (
+            (bf16 + half) / max(fp32 - half, 1e-9) + 0.005)
+    assert "supports_bf16" in printed["notes"] and "speed" in printed["notes"]["supports_bf16"]
+    code = edgecm_cli.main(["plan", "--shape", "llava-1.5-7b", "--budget", "16GiB", "--profile", str(out),
+                            "--weights", "bfloat16", "--json"])
+    assert code == (0 if profile.supports_bf16 else 2)
+    capsys.readouterr()
+
+
+def test_a_shipped_cpu_profile_that_measured_bfloat16_says_it_supports_it():
+    measured = [load_profile(name) for name in list_profiles()]
+    measured = [p for p in measured if p.kind == "cpu" and p.source.startswith("measured")]
+    assert measured
+    for profile in measured:
+        assert profile.supports_bf16 == ("bfloat16" in profile.matmul_tflops), profile.name
 
 
 def test_profile_refuses_a_missing_scratch_directory(tmp_path, capsys):

@@ -11,7 +11,7 @@ import torch
 from edgecm.checkpoint import open_checkpoint
 from edgecm.config import load_model_config
 from edgecm.prompt import PromptBuilder
-from edgecm.sparsity import NeuronBudget, SparsitySettings, TokenRule
+from edgecm.sparsity import DENSE, NeuronBudget, SparsitySettings, TokenRule
 from edgecm.vision import load_image
 from reference import masked_reference
 from runtime.engine import Engine, GenerationSettings
@@ -80,7 +80,7 @@ def test_dense_logits_match_transformers(loaded, name, kind, image_path, wide_im
 def test_greedy_tokens_match_transformers_generate(loaded, name, kind, image_path, wide_image_path):
     engine, builder, reference = loaded(name)
     prompt = make_prompt(builder, kind, image_path, wide_image_path)
-    ours = engine.generate(prompt, GenerationSettings(max_new_tokens=GREEDY_TOKENS, stop_at_eos=False))
+    ours = engine.generate(prompt, GenerationSettings(max_new_tokens=GREEDY_TOKENS, stop_at_eos=False), sparsity=DENSE)
     config = copy.deepcopy(reference.generation_config)
     config.eos_token_id = None  # both sides run the full length
     config.pad_token_id = 0

@@ -10,7 +10,7 @@ import torch
 from edgecm.checkpoint import open_checkpoint
 from edgecm.errors import EdgecmError
 from edgecm.prompt import PromptBuilder
-from edgecm.sparsity import NeuronBudget, SparsitySettings, TokenRule
+from edgecm.sparsity import DENSE, NeuronBudget, SparsitySettings, TokenRule
 from edgecm.video import VideoOptions, read_video
 from runtime.engine import Engine, GenerationSettings
 from reference import masked_reference
@@ -73,7 +73,7 @@ def test_video_greedy_tokens_match_transformers_generate(setup):
     import copy
 
     engine, _, reference, prompt = setup
-    ours = engine.generate(prompt, GenerationSettings(max_new_tokens=32, stop_at_eos=False))
+    ours = engine.generate(prompt, GenerationSettings(max_new_tokens=32, stop_at_eos=False), sparsity=DENSE)
     config = copy.deepcopy(reference.generation_config)
     config.eos_token_id, config.pad_token_id = None, 0
     with torch.inference_mode():

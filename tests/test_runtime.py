@@ -87,8 +87,8 @@ def test_residency_follows_the_budget_and_never_the_answer(llava, sparsity):
 def test_later_prompts_read_nothing_when_the_model_is_kept(llava):
     checkpoint, prompt = llava
     engine = Engine(checkpoint)
-    first = engine.generate(prompt, SETTINGS)
-    second = engine.generate(prompt, SETTINGS)
+    first = engine.generate(prompt, SETTINGS, sparsity=DENSE)
+    second = engine.generate(prompt, SETTINGS, sparsity=DENSE)
     assert first.memory.weights_read_bytes > 0
     assert second.memory.weights_read_bytes == 0
     assert second.token_ids == first.token_ids
@@ -99,7 +99,7 @@ def test_a_budget_below_the_smallest_plan_names_the_smallest(llava):
     smallest = smallest_budget(checkpoint, prompt)
     engine = Engine(checkpoint, budget=str(smallest - 1))
     with pytest.raises(EdgecmError, match=r"needs at least [0-9.]+ GiB.*raise --budget"):
-        engine.generate(prompt, SETTINGS)
+        engine.generate(prompt, SETTINGS, sparsity=DENSE)
 
 
 def test_a_budget_above_the_device_means_all_of_it_and_nonsense_is_refused(llava):
@@ -108,7 +108,7 @@ def test_a_budget_above_the_device_means_all_of_it_and_nonsense_is_refused(llava
 
     engine = Engine(checkpoint, budget="1PiB")
     assert engine.budget == psutil.virtual_memory().total
-    assert engine.generate(prompt, SETTINGS).memory.plan == "all layers kept"
+    assert engine.generate(prompt, SETTINGS, sparsity=DENSE).memory.plan == "all layers kept"
     for nonsense in ("0", "0GiB", "-3GiB", "twelve", "12XB"):
         with pytest.raises(EdgecmError, match="--budget"):
             Engine(checkpoint, budget=nonsense)
@@ -162,7 +162,8 @@ def test_telemetry_reports_what_it_can_without_a_gpu(llava):
     checkpoint, prompt = llava
     snapshot = nvml_snapshot(torch.device("cpu"))
     assert snapshot["available"] is False and "CPU" in snapshot["reason"]
-    result = Engine(checkpoint, budget=str(smallest_budget(checkpoint, prompt))).generate(prompt, SETTINGS)
+    tight = Engine(checkpoint, budget=str(smallest_budget(checkpoint, prompt)))
+    result = tight.generate(prompt, SETTINGS, sparsity=DENSE)
     t = result.timings
     layers = checkpoint.config.text.num_layers
     assert len(t.prefill_layer_compute_s) == layers and all(s > 0 for s in t.prefill_layer_compute_s)
@@ -206,7 +207,7 @@ def test_cuda_budget_is_enforced_with_the_numbers(llava):
     checkpoint, prompt = llava
     engine = Engine(checkpoint, device="cuda", budget="64MiB")
     with pytest.raises(EdgecmError, match=r"budget|at least"):
-        engine.generate(prompt, SETTINGS)
+        engine.generate(prompt, SETTINGS, sparsity=DENSE)
     try:
         Engine(checkpoint, device="cuda", budget="1GiB")
         with pytest.raises(torch.OutOfMemoryError):  # the allocator itself now stops at the budget

@@ -78,16 +78,16 @@ MEASURE = textwrap.dedent(
     import json, sys
     from edgecm.checkpoint import open_checkpoint
     from edgecm.prompt import PromptBuilder
+    from edgecm.sparsity import DENSE
     from runtime.engine import Engine, GenerationSettings
     checkpoint = open_checkpoint(sys.argv[1])
     prompt = PromptBuilder(checkpoint).build("Count the objects: one, two, three, four, five.")
     settings = GenerationSettings(max_new_tokens=8, stop_at_eos=False)
     budget = None
     if sys.argv[2] == "smallest-budget":
-        from edgecm.sparsity import DENSE
         budget = str(Engine(checkpoint).plan_for(prompt.num_tokens, 0, 8, DENSE).min_budget)
     engine = Engine(checkpoint, budget=budget)
-    result = engine.generate(prompt, settings)
+    result = engine.generate(prompt, settings, sparsity=DENSE)
     mem = result.memory
     print(json.dumps({"growth": mem.rss_peak_bytes - mem.rss_start_bytes, "read": mem.weights_read_bytes,
                       "plan": mem.plan}))

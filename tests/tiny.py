@@ -172,6 +172,32 @@ def tiny_llama(out: Path, *, gqa: bool = True, tied: bool = True, seed: int = 0,
     return model
 
 
+def tiny_parrot(out: Path, text: str):
+    """Save a tiny Llama whose every answer is the one token spelling ``text``, over and over.
+
+    Its layers write nothing into the residual stream (o_proj and down_proj are zero) and every
+    token embeds alike, so the last hidden state is one fixed vector whatever the prompt, and
+    the LM head scores only that token above zero. For tests of what the CLI does with text.
+    """
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    (token,) = tokenizer.encode(text, add_special_tokens=False)
+    model = LlamaForCausalLM(_text_config(len(tokenizer), gqa=True, tied=False)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[token] = 1.0
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return model
+
+
 def write_test_image(path: Path, size: int = 48) -> Path:
     """A small synthetic picture (gradient with a square), made here, no third-party content."""
     from PIL import Image

@@ -60,6 +60,8 @@ class Family:
     plain_single_turn = True
     # What opens the assistant's turn in the fallback format; its first token is core-ref's reference token.
     assistant_header = "ASSISTANT:"
+    # Whether a prompt may hold a video: the family's processor, encoder and positions know one.
+    takes_video = False
 
     # -- config -------------------------------------------------------------------------------
 

@@ -147,8 +147,6 @@ class QwenProcessor:
     here by the same rule: one placeholder per merged patch.
     """
 
-    takes_video = True
-
     def __init__(
         self, directory: Path, config: ModelConfig, min_pixels: int | None, max_pixels: int | None
     ):
@@ -295,6 +293,7 @@ class Qwen2_5_VLFamily(Family):
     )
     plain_single_turn = False
     assistant_header = "<|im_start|>assistant\n"
+    takes_video = True
 
     def parse_config(self, raw: dict[str, Any], hf: Any, generation_eos: Any, path: Path) -> ModelConfig:
         text_hf = hf.text_config
