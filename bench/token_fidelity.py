@@ -47,7 +47,7 @@ from edgecm.sparsity import DENSE, NeuronBudget, SparsitySettings, TokenRule  # 
 
 ANSWER_TOKENS = {"caption": 40}  # a four-object caption is about 20 tokens
 SHORT_ANSWER_TOKENS = 6
-KINDS = ("colour", "shape", "count", "position", "presence", "caption")
+KINDS = scenes.QUESTION_KINDS
 
 
 def variants(counts: list[int]) -> list[tuple[str, SparsitySettings]]:
@@ -67,26 +67,8 @@ def variants(counts: list[int]) -> list[tuple[str, SparsitySettings]]:
 
 
 def held_out_questions(n_scenes: int, per_scene: int, first: int = 0) -> list[tuple[scenes.Scene, scenes.Question]]:
-    """``per_scene`` questions for each held-out scene from the ``first``-th on, kinds in rotation.
-
-    Each question is of the next kind in the rotation that the scene has.
-    """
-    picked = []
-    turn = 0
-    for i in range(n_scenes):
-        scene = scenes.make_scene(scenes.HELD_OUT_SEED_START + first + i)
-        by_kind: dict[str, list[scenes.Question]] = {}
-        for q in scene.questions():
-            by_kind.setdefault(q.kind, []).append(q)
-        for _ in range(per_scene):
-            for step in range(len(KINDS)):
-                kind = KINDS[(turn + step) % len(KINDS)]
-                if kind in by_kind:
-                    options = by_kind[kind]
-                    picked.append((scene, options[(i + turn) % len(options)]))
-                    turn = (turn + step + 1) % len(KINDS)
-                    break
-    return picked
+    """``per_scene`` questions for each held-out scene from the ``first``-th on, kinds in rotation."""
+    return scenes.questions_in_rotation(scenes.HELD_OUT_SEED_START + first, n_scenes, per_scene)
 
 
 def machine() -> str:

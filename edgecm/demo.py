@@ -36,6 +36,8 @@ DEMO_PRUNING_NOTICE = (
 )
 IMAGE_TOKEN = "<image>"
 VISION_WEIGHTS = Path(__file__).parent / "data" / "demo_vision.safetensors"
+# `edgecm calibrate` run on the demo's validation scenes; applied where no calibration was made beside the build.
+SHIPPED_CALIBRATION = Path(__file__).parent / "data" / "demo_calibration.json"
 # What a build leaves in the cache (SmolLM2-135M and the tower in float16, the tokenizer: 265 MiB), said
 # before a build starts. Measured on a build rather than computed: the language weights are a fixed
 # file, and tests/test_gguf_and_demo.py checks this figure against the directory it builds.

@@ -117,6 +117,23 @@ class KVCache:
         self.prune_rows(layer, [torch.isin(stored[b], orders[b].to(stored.device)).nonzero().flatten()
                                 for b in range(stored.shape[0])])
 
+    def copy_layers(self, source: "KVCache", layers: range, copies: int = 1) -> None:
+        """Own copies of ``source``'s entries in ``layers``, its one row repeated ``copies`` times: a cache
+        that starts where another one stood (the layers token-pruning candidates share with the dense pass)."""
+        for layer in layers:
+            kv, theirs = self.layers[layer], source.layers[layer]
+            if theirs.keys is None:
+                continue
+            end, capacity = theirs.length, theirs.length + self.reserve_tokens
+            b, h, _, d = theirs.keys.shape
+            kv.keys = theirs.keys.new_empty((b * copies, h, capacity, d))
+            kv.values = torch.empty_like(kv.keys)
+            kv.order = torch.full((b * copies, capacity), PAD_ORDER, dtype=torch.int64, device=theirs.order.device)
+            kv.keys[:, :, :end] = theirs.keys[:, :, :end].repeat(copies, 1, 1, 1)
+            kv.values[:, :, :end] = theirs.values[:, :, :end].repeat(copies, 1, 1, 1)
+            kv.order[:, :end] = theirs.order[:, :end].repeat(copies, 1)
+            kv.length = end
+
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows ``rows`` (sequences that finished leave the batch)."""
         for kv in self.layers:

@@ -215,6 +215,28 @@ def questions_for(scene: Scene) -> list[Question]:
     return out
 
 
+def questions_in_rotation(first_seed: int, n_scenes: int, per_scene: int = 1) -> list[tuple[Scene, Question]]:
+    """``per_scene`` questions for each of ``n_scenes`` scenes from seed ``first_seed`` on, the kinds taken in
+    rotation so that every kind is asked about equally often: each question is of the next kind in the
+    rotation that the scene has."""
+    picked = []
+    turn = 0
+    for i in range(n_scenes):
+        scene = make_scene(first_seed + i)
+        by_kind: dict[str, list[Question]] = {}
+        for q in scene.questions():
+            by_kind.setdefault(q.kind, []).append(q)
+        for _ in range(per_scene):
+            for step in range(len(QUESTION_KINDS)):
+                kind = QUESTION_KINDS[(turn + step) % len(QUESTION_KINDS)]
+                if kind in by_kind:
+                    options = by_kind[kind]
+                    picked.append((scene, options[(i + turn) % len(options)]))
+                    turn = (turn + step + 1) % len(QUESTION_KINDS)
+                    break
+    return picked
+
+
 def normalise_answer(text: str) -> str:
     """Lower-case, trimmed, without a final full stop: the form answers are compared in."""
     text = text.strip().lower()

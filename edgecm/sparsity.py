@@ -34,17 +34,14 @@ instead of merging some of them into aggregate tokens.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 from edgecm.errors import EdgecmError
 from edgecm.sparsevlm import stage_layers
 
 TOKEN_RANKS = ("core", "core-ref", "fastv", "random", "sparsevlm")
 MODES = ("dense", "corematching")
-CALIBRATION_FILE = "edgecm-calibration.json"
 
 
 @dataclass(frozen=True)
@@ -193,28 +190,3 @@ def parse_layer_list(text: str) -> tuple[int, ...]:
         return tuple(sorted({int(x) for x in text.split(",")}))
     except ValueError:
         raise EdgecmError(f"--dense-layers {text}: use a comma-separated list of layer numbers, e.g. 0,1,29") from None
-
-
-def calibration_path(checkpoint_path: Path) -> Path:
-    """Where calibration results live: inside a checkpoint directory, or beside a .gguf file."""
-    if checkpoint_path.is_dir():
-        return checkpoint_path / CALIBRATION_FILE
-    return checkpoint_path.with_name(checkpoint_path.stem + "." + CALIBRATION_FILE)
-
-
-def load_calibration(checkpoint_path: Path) -> dict | None:
-    path = calibration_path(checkpoint_path)
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-        NeuronBudget.parse(record["neurons"])
-        float(record["dense_above"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, EdgecmError):
-        raise EdgecmError(f"{path}: unreadable calibration file; delete it or run `edgecm calibrate` again") from None
-    return record
-
-
-def apply_calibration(settings: SparsitySettings, record: dict) -> SparsitySettings:
-    """The calibrated neuron budget on top of ``settings``."""
-    return replace(settings, neurons=NeuronBudget.parse(record["neurons"]), dense_above=float(record["dense_above"]))

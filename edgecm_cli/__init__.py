@@ -174,25 +174,24 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
         ),
         "mode": (
             ("--mode",),
-            dict(choices=("dense", "corematching"), default=sparse.mode, help="dense: no pruning at all (default: %(default)s)"),
+            dict(choices=("dense", "corematching"),
+                 help=f"dense: no pruning at all (default: {sparse.mode}, with the checkpoint's calibration)"),
         ),
         "tokens": (
             ("--tokens",),
             dict(
-                default=str(sparse.tokens),
                 metavar="RULE",
                 help="image tokens kept from --prune-layer on (sparsevlm: after its last stage): knee, all, count:N or "
-                "ratio:R (default: %(default)s)",
+                f"ratio:R (default: the checkpoint's calibration, else {sparse.tokens})",
             ),
         ),
         "token_rank": (
             ("--token-rank",),
             dict(
                 choices=TOKEN_RANKS,
-                default=sparse.token_rank,
                 help="which image tokens: core matching, core-ref (the released code's criterion: overlap with the "
                 "first token of the assistant's header), or the FastV / seeded random / SparseVLM baselines at the "
-                "same budget (default: %(default)s)",
+                f"same budget (default: the checkpoint's calibration, else {sparse.token_rank})",
             ),
         ),
         "neurons": (
@@ -211,8 +210,14 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
         ),
         "prune_layer": (
             ("--prune-layer",),
-            dict(type=int, default=sparse.prune_layer, metavar="K", help="the first layer without the dropped tokens, as in FastV: layers 0..K-1 see every token and "
-                 "layer K-1 ranks them (default: %(default)s)"),
+            dict(type=int, metavar="K", help="the first layer without the dropped tokens, as in FastV: layers 0..K-1 "
+                 f"see every token and layer K-1 ranks them (default: the checkpoint's calibration, else "
+                 f"{sparse.prune_layer})"),
+        ),
+        "sparsevlm_k": (
+            ("--sparsevlm-k",),
+            dict(type=int, metavar="K", help="sparsevlm: move its first stage to layer K-1, the later stages keeping "
+                 "their distance (default: the checkpoint's calibration, else the published layers scaled by depth)"),
         ),
         "dense_above": (
             ("--dense-above",),
@@ -239,6 +244,30 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
                  "(default: the 33 prompts shipped with edgecm)"),
         ),
         "limit": (("--limit",), dict(type=int, metavar="N", help="use only the first N prompts")),
+        "calibration_set": (
+            ("--set",),
+            dict(metavar="FILE.jsonl|DIR", help='images with questions to calibrate on: a JSONL file of {"image": PATH, '
+                 '"question": TEXT} lines, or a folder of images with --question (default for the demo: 60 '
+                 "validation scenes of its world; else --prompts)"),
+        ),
+        "set_question": (
+            ("--question",),
+            dict(metavar="TEXT", help="with --set FOLDER: the question asked of every image"),
+        ),
+        "prune_layers": (
+            ("--prune-layers",),
+            dict(metavar="LIST", help="the prune layers K to try, e.g. 2,9,18 (default: every tenth of the depth, and 2)"),
+        ),
+        "token_ranks": (
+            ("--token-ranks",),
+            dict(metavar="LIST", help="the rankings to try (default: core,core-ref,fastv,sparsevlm; random is always "
+                 "measured as a reference and never chosen)"),
+        ),
+        "plot": (
+            ("--plot",),
+            dict(metavar="FILE.png", help="draw agreement against prefill cost for every candidate, and against K at "
+                 "the chosen budget"),
+        ),
         "inputs": (
             ("inputs",),
             dict(nargs="+", metavar="INPUT", help="image files, folders (searched recursively) or .txt/.lst files listing paths"),
@@ -313,27 +342,26 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
 
 CALIBRATE_NEW_TOKENS = 32  # answers to score, not to read: shorter keeps calibration quick
 SHOW_NEW_TOKENS = 32
-SPARSITY_FLAGS = ("mode", "tokens", "token_rank", "neurons", "rho", "beta", "prune_layer", "dense_above", "dense_layers",
-                  "keep_early_kv", "no_recycle", "rank_scale")
+SPARSITY_FLAGS = ("mode", "tokens", "token_rank", "neurons", "rho", "beta", "prune_layer", "sparsevlm_k", "dense_above",
+                  "dense_layers", "keep_early_kv", "no_recycle", "rank_scale")
+# Flags a calibration also sets: given on the command line, each overrides the calibrated value.
+CALIBRATED_FLAGS = ("mode", "tokens", "token_rank", "prune_layer", "sparsevlm_k", "neurons", "dense_above")
 
 
-def sparsity_from_flags(args: argparse.Namespace, calibration: dict | None = None):
-    """SparsitySettings from the flags, over a checkpoint's calibration record where one is given.
+def sparsity_from_flags(args: argparse.Namespace, calibration=None):
+    """SparsitySettings: the library's defaults, then a checkpoint's calibration (an
+    edgecm.calibration_record.Calibration) where one is given, then every flag given on the command line.
 
     Commands call it once without a record before opening the model, so a bad
     flag fails before any loading.
     """
     from dataclasses import replace
 
-    from edgecm.sparsity import NeuronBudget, SparsitySettings, TokenRule, apply_calibration, parse_layer_list
+    from edgecm.sparsity import NeuronBudget, SparsitySettings, TokenRule, parse_layer_list
 
     settings = SparsitySettings(
-        mode=args.mode,
         rho=args.rho,
         beta=args.beta,
-        prune_layer=args.prune_layer,
-        tokens=TokenRule.parse(args.tokens),
-        token_rank=args.token_rank,
         dense_layers=parse_layer_list(args.dense_layers),
         keep_early_kv=args.keep_early_kv,
         recycle=not args.no_recycle,
@@ -341,12 +369,10 @@ def sparsity_from_flags(args: argparse.Namespace, calibration: dict | None = Non
         seed=args.seed,
     )
     if calibration is not None:
-        settings = apply_calibration(settings, calibration)
-    if args.neurons is not None:
-        settings = replace(settings, neurons=NeuronBudget.parse(args.neurons))
-    if args.dense_above is not None:
-        settings = replace(settings, dense_above=args.dense_above)
-    return settings
+        settings = calibration.apply(settings)
+    given = {name: getattr(args, name) for name in CALIBRATED_FLAGS if getattr(args, name, None) is not None}
+    parse = {"tokens": TokenRule.parse, "neurons": NeuronBudget.parse}
+    return replace(settings, **{name: parse.get(name, lambda v: v)(value) for name, value in given.items()})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -401,11 +427,13 @@ def _commands():
             {"max_new_tokens": SHOW_NEW_TOKENS},
         ),
         "calibrate": (
-            "find the cheapest neuron budget that stays faithful to the dense model",
-            "Answer a prompt set densely, teacher-force candidate neuron budgets on those answers, and write "
-            "the cheapest one meeting --target to edgecm-calibration.json beside the checkpoint, which the "
-            "other commands then use. Progress on stderr, the result on stdout.",
-            ("image", "prompts", "limit", "target", "max_new_tokens", *model, "dense_above", "calibrate_json"),
+            "measure where and how to prune tokens, and the neuron budget, against the dense model",
+            "Answer a calibration set densely; teacher-force every token-pruning candidate (ranking x prune layer "
+            "K x budget, each run from its K on) and then candidate neuron budgets on those answers; write the "
+            "cheapest setting meeting --target to edgecm-calibration.json beside the checkpoint, which run, chat, "
+            "caption and show then use. Progress on stderr, the result on stdout.",
+            ("calibration_set", "set_question", "image", "prompts", "limit", "target", "prune_layers", "token_ranks",
+             "plot", "max_new_tokens", *model, "dense_above", "calibrate_json"),
             cmd_calibrate,
             {"max_new_tokens": CALIBRATE_NEW_TOKENS},
         ),
@@ -485,28 +513,48 @@ class Loaded:
     generation: Any
 
 
-def demo_pruning_notice(model_name: str, sparsity) -> str | None:
-    """What to tell a user whose images the demo is about to prune, or None where it does not prune."""
+def demo_pruning_notice(model_name: str, sparsity, calibration) -> str | None:
+    """What to tell a user whose images the demo is about to prune with a setting other than its measured
+    one, or None where it does not prune or prunes as calibrated."""
     if model_name != "demo" or not sparsity.prunes_tokens:
         return None
+    from dataclasses import replace
+
     from edgecm.demo import DEMO_PRUNING_NOTICE
 
+    if calibration is not None and calibration.tokens is not None:
+        calibrated = calibration.apply(sparsity)
+        if replace(calibrated, neurons=sparsity.neurons, dense_above=sparsity.dense_above) == sparsity:
+            return None
     return DEMO_PRUNING_NOTICE
+
+
+def checkpoint_calibration(checkpoint, model_name: str):
+    """The checkpoint's calibration (the demo's shipped one where none was made beside it), told on stderr:
+    what it sets and how well it measured, or why a record found was not applied."""
+    from edgecm.calibration_record import load_record
+    from edgecm.demo import SHIPPED_CALIBRATION
+
+    calibration, notice = load_record(checkpoint.path, SHIPPED_CALIBRATION if model_name == "demo" else None)
+    if notice:
+        print(f"edgecm: {notice}", file=sys.stderr)
+    return calibration
 
 
 def load_model(args: argparse.Namespace) -> Loaded:
     from edgecm.prompt import PromptBuilder
     from edgecm.sampling import SamplingSettings
-    from edgecm.sparsity import load_calibration
     from runtime.engine import Engine, GenerationSettings
     from runtime.planner import parse_bytes
 
     checkpoint, model_name = open_model(args.model)
-    calibration = load_calibration(checkpoint.path)
+    calibration = checkpoint_calibration(checkpoint, model_name)
     sparsity = sparsity_from_flags(args, calibration)
     sparsity.check_layers(checkpoint.config.text.num_layers)  # only config.json has been read so far
     check_model_takes_inputs(args, checkpoint, model_name)
-    notice = demo_pruning_notice(model_name, sparsity)
+    if calibration is not None and sparsity.mode != "dense":
+        print(f"edgecm: {calibration.describe()} (flags override it)", file=sys.stderr)
+    notice = demo_pruning_notice(model_name, sparsity, calibration)
     if notice and any(getattr(args, name, None) for name in ("image", "video", "inputs")):
         print(f"edgecm: {notice}", file=sys.stderr)
     generation = GenerationSettings(

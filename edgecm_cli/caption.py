@@ -283,8 +283,7 @@ def _caption_ray(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from edgecm.checkpoint import open_checkpoint
-    from edgecm.sparsity import load_calibration
-    from edgecm_cli import check_model_takes_inputs, demo_directory, sparsity_from_flags
+    from edgecm_cli import check_model_takes_inputs, checkpoint_calibration, demo_directory, sparsity_from_flags
     from runtime.captioning import AUTO_BATCH_LIMIT
     from runtime.ray_captioning import WorkerSpec, caption_on_ray, connect, placement_for
 
@@ -293,9 +292,10 @@ def _caption_ray(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
         return 0
     path = Path(args.model) if args.model else demo_directory()
     # What `edgecm caption` refuses before loading, refused here before any worker starts (config.json only).
-    check_model_takes_inputs(args, open_checkpoint(path), args.model or "demo")
+    checkpoint = open_checkpoint(path)
+    check_model_takes_inputs(args, checkpoint, args.model or "demo")
     # The same settings `edgecm caption` would use: the flags over the checkpoint's calibration record.
-    sparsity = sparsity_from_flags(args, load_calibration(path))
+    sparsity = sparsity_from_flags(args, checkpoint_calibration(checkpoint, args.model or "demo"))
     ray = connect(None if args.ray == "local" else args.ray)
     place = placement_for(ray, args.device, args.workers)
     spec = WorkerSpec(

@@ -117,7 +117,7 @@ class Chat:
         """The demo's pruning notice, for an image attached inside the chat (the CLI gives it at start-up)."""
         from edgecm_cli import demo_pruning_notice
 
-        notice = demo_pruning_notice(self.loaded.model_name, self.loaded.sparsity)
+        notice = demo_pruning_notice(self.loaded.model_name, self.loaded.sparsity, self.loaded.calibration)
         if notice:
             self.console.print(f"[yellow]{notice}[/]")
 

@@ -62,7 +62,7 @@ class _Sequence:
         return self.rows.length
 
 
-def _pad(parts: list[torch.Tensor], length: int, fill) -> torch.Tensor:
+def pad(parts: list[torch.Tensor], length: int, fill) -> torch.Tensor:
     """Stack tensors whose first dimension varies, padded with ``fill`` to ``length`` rows."""
     out = parts[0].new_full((len(parts), length, *parts[0].shape[1:]), fill)
     for b, part in enumerate(parts):
@@ -70,12 +70,12 @@ def _pad(parts: list[torch.Tensor], length: int, fill) -> torch.Tensor:
     return out
 
 
-def _padded_rows(seqs: list[_Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def padded_rows(rows: list[Rows]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The batch's order (B, T) and rotary tables (B, 1, T, D); padding is PAD_ORDER and zero rotation."""
-    length = max(q.length for q in seqs)
-    order = _pad([q.rows.order for q in seqs], length, PAD_ORDER)
-    cos = _pad([q.rows.cos for q in seqs], length, 0.0)[:, None]
-    sin = _pad([q.rows.sin for q in seqs], length, 0.0)[:, None]
+    length = max(r.length for r in rows)
+    order = pad([r.order for r in rows], length, PAD_ORDER)
+    cos = pad([r.cos for r in rows], length, 0.0)[:, None]
+    sin = pad([r.sin for r in rows], length, 0.0)[:, None]
     return order, cos, sin
 
 
@@ -178,7 +178,7 @@ def _embed(engine, prompts: list[Prompt], spans: Spans, sparsity: SparsitySettin
     embedded = engine.embed_batch(prompts, spans)  # the vision tower is loaded once for the batch
     for prompt, hidden in zip(prompts, embedded):
         seqs.append(_Sequence(prompt, *engine.start_sequence(hidden, prompt, sparsity)))
-    return seqs, _pad(embedded, max(q.length for q in seqs), 0.0)
+    return seqs, pad(embedded, max(q.length for q in seqs), 0.0)
 
 
 def _prefill(engine, seqs: list[_Sequence], hidden: torch.Tensor, sparsity: SparsitySettings, cache: KVCache):
@@ -186,7 +186,7 @@ def _prefill(engine, seqs: list[_Sequence], hidden: torch.Tensor, sparsity: Spar
     text = engine.text
     collect = sparsity.mode == "corematching"
     placement = engine.new_placement()
-    order, cos, sin = _padded_rows(seqs)
+    order, cos, sin = padded_rows([q.rows for q in seqs])
     for index, weights in engine.streamer.stream(range(text.num_layers)):
         core_rows = [q.pruner.core_rows(index, q.rows) for q in seqs]
         wants_core = any(r is not None for r in core_rows)
@@ -198,7 +198,7 @@ def _prefill(engine, seqs: list[_Sequence], hidden: torch.Tensor, sparsity: Spar
                 reference_rows=[q.pruner.reference_row(index, q.rows) for q in seqs],
             )
         probes = [q.pruner.attention_probe(index, q.rows) for q in seqs]
-        observe = _per_sequence(probes, [q.length for q in seqs]) if any(probes) else None
+        observe = per_sequence_observer(probes, [q.length for q in seqs]) if any(probes) else None
         with engine.timer.layer("prefill", index):
             hidden = decoder_layer(hidden, weights, text, cos, sin, order, cache, index,
                                    observer=stats, attention_observer=observe)
@@ -217,8 +217,8 @@ def _prefill(engine, seqs: list[_Sequence], hidden: torch.Tensor, sparsity: Spar
                 kept = seq.rows.order
             survivors.append(kept)
         # Survivors keep their rotary tables and sequence indices; rows re-pad to the new longest.
-        hidden = _pad([q.rows.hidden for q in seqs], max(q.length for q in seqs), 0.0)
-        order, cos, sin = _padded_rows(seqs)
+        hidden = pad([q.rows.hidden for q in seqs], max(q.length for q in seqs), 0.0)
+        order, cos, sin = padded_rows([q.rows for q in seqs])
         if not sparsity.keep_early_kv:
             for layer in range(index + 1):
                 cache.keep_orders(layer, survivors)
@@ -227,7 +227,7 @@ def _prefill(engine, seqs: list[_Sequence], hidden: torch.Tensor, sparsity: Spar
     return placement, logits
 
 
-def _per_sequence(probes: list, lengths: list[int]):
+def per_sequence_observer(probes: list, lengths: list[int]):
     """One attention observer for the padded batch: each sequence's probe reads its own queries over its
     own keys."""
     def observe(q: torch.Tensor, keys: torch.Tensor) -> None:

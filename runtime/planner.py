@@ -317,3 +317,37 @@ def largest_batch(
         mid = (low + high) // 2
         low, high = (mid, high) if fits(mid) else (low, mid)
     return low
+
+
+# -- compute: what a prefill costs, for comparing token-pruning settings ---------------------------------
+
+
+def layer_prefill_flops(config: ModelConfig, tokens: int) -> int:
+    """Multiply-adds x 2 of one decoder layer over ``tokens`` prompt rows: the projections (2 x rows x
+    parameters) and causal attention (q.k and the weighted sum of v over on average half the rows, for
+    every head)."""
+    t = config.text
+    q_out, kv_out = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    matrices = t.hidden_size * (q_out + 2 * kv_out) + q_out * t.hidden_size + 3 * t.hidden_size * t.intermediate_size
+    return 2 * tokens * matrices + 2 * tokens * tokens * q_out
+
+
+def vision_flops(config: ModelConfig, image_tokens: int) -> int:
+    """The vision tower and projector over the patches behind ``image_tokens`` tokens (2 x patches x
+    parameters; attention inside the tower is left out: it is the same for every token-pruning setting)."""
+    if not image_tokens:
+        return 0
+    family = family_named(config.family)
+    parameters = family.vision_bytes(config, 1)
+    return 2 * image_tokens * family.patches_per_token(config) * parameters
+
+
+def prefill_flops(config: ModelConfig, rows_per_layer: list[int], image_tokens: int) -> int:
+    """A prefill whose layer l runs over ``rows_per_layer[l]`` rows, the vision tower included."""
+    return vision_flops(config, image_tokens) + sum(layer_prefill_flops(config, rows) for rows in rows_per_layer)
+
+
+def kv_bytes(config: ModelConfig, entries_per_layer: list[int], compute_bytes: int) -> int:
+    """The KV cache decode starts from: keys and values of every layer's stored entries."""
+    t = config.text
+    return 2 * t.num_kv_heads * t.head_dim * compute_bytes * sum(entries_per_layer)

@@ -94,7 +94,8 @@ def test_calibrate_writes_a_file_that_run_uses(build_llava, tmp_path, capsys):
     )
     assert code == 0, err
     record = json.loads((model / "edgecm-calibration.json").read_text())
-    assert record["target_top1_agreement"] == 0.5 and record["prompts"] == 3
+    assert record["target_top1_agreement"] == 0.5 and record["calibration_set"]["prompts"] == 3
+    assert record["tokens"] is None  # text prompts: only the neurons are calibrated
     assert record["measured"] and "Wrote" in out and "agreement" in err
     if record["achieved"] is not None:
         assert record["achieved"]["top1_agreement"] >= 0.5

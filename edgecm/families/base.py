@@ -119,6 +119,10 @@ class Family:
         """Image tokens of one image at the processor's default size (what the planner plans for)."""
         return 0
 
+    def patches_per_token(self, config: "ModelConfig") -> int:
+        """Vision-tower positions behind one image token (what the tower's compute grows with)."""
+        return 1
+
     # -- prompts and positions ----------------------------------------------------------------
 
     def fallback_prompt(self, turns: list[tuple[str, str]], image_turn: int | None, eos: str) -> str:

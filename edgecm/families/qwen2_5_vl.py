@@ -342,6 +342,9 @@ class Qwen2_5_VLFamily(Family):
         patches = self.image_tokens(config) * config.vision.merge_size**2
         return patches * (7 * int(tower["hidden_size"]) + 3 * int(tower["intermediate_size"])) * compute_bytes
 
+    def patches_per_token(self, config: ModelConfig) -> int:
+        return config.vision.merge_size**2  # the merger folds merge x merge patches into one token
+
     def image_tokens(self, config: ModelConfig) -> int:
         v: QwenVisionConfig = config.vision
         factor = v.patch_size * v.merge_size
