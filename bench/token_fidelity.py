@@ -20,7 +20,14 @@ greedily under each variant:
 
 Token variants decode with every FFN neuron (``--neurons dense``) so that the
 table measures token pruning alone; one more row, "corematching default",
-adds the default neuron budget to the knee. An answer is right when it
+adds the default neuron budget to the knee. With a calibration (the model's
+``edgecm calibrate`` record, or the demo's shipped one):
+
+- ``calibrated``: the calibrated token setting and neuron budget, as ``run`` applies them, and the
+  token setting alone with every FFN neuron;
+- ``--k-sweep``: every ranking at the calibrated budget at every K of the
+  calibration grid, neurons dense (with ``--only``, the sweep's rows run
+  beside the variants named). An answer is right when it
 equals the ground truth after lower-casing and trimming a final full stop;
 a caption is right when it names exactly the scene's objects.
 
@@ -66,6 +73,30 @@ def variants(counts: list[int]) -> list[tuple[str, SparsitySettings]]:
     return out
 
 
+def calibrated_variants(checkpoint, demo: bool, k_sweep: bool) -> list[tuple[str, SparsitySettings]]:
+    """The calibrated setting, and with ``k_sweep`` each ranking at its budget at every K of the grid."""
+    from edgecm.calibration_record import load_record
+    from edgecm.demo import SHIPPED_CALIBRATION
+    from runtime.token_calibration import RANKINGS, REFERENCE_RANKINGS, Candidate, layer_grid
+
+    calibration, notice = load_record(checkpoint.path, SHIPPED_CALIBRATION if demo else None)
+    if calibration is None:
+        print(f"token_fidelity: no calibration applies ({notice or 'none made'}); no calibrated rows",
+              file=sys.stderr)
+        return []
+    settings = calibration.apply(SparsitySettings())
+    out = [("calibrated", settings), ("calibrated tokens, neurons dense", replace(settings, neurons=NeuronBudget("dense")))]
+    if k_sweep and settings.prunes_tokens:
+        tokens = settings.tokens
+        for rank in (*RANKINGS, *REFERENCE_RANKINGS):
+            if tokens.kind == "knee" and rank in ("fastv", "random"):
+                continue  # no adaptive rule of their own
+            for k in layer_grid(checkpoint.config.text.num_layers):
+                candidate = Candidate(rank, k, tokens)
+                out.append((candidate.label, candidate.settings(SparsitySettings())))
+    return out
+
+
 def held_out_questions(n_scenes: int, per_scene: int, first: int = 0) -> list[tuple[scenes.Scene, scenes.Question]]:
     """``per_scene`` questions for each held-out scene from the ``first``-th on, kinds in rotation."""
     return scenes.questions_in_rotation(scenes.HELD_OUT_SEED_START + first, n_scenes, per_scene)
@@ -85,6 +116,7 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="a checkpoint directory (default: the demo)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default=None, help="variant names to run, separated by ';' (default: all)")
+    ap.add_argument("--k-sweep", action="store_true", help="add every ranking at the calibrated budget at every K")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "token-fidelity-demo-cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -98,10 +130,10 @@ def main() -> int:
     builder = PromptBuilder(checkpoint)
     engine = Engine(checkpoint)
     counts = [int(c) for c in args.counts.split(",")]
-    chosen = variants(counts)
+    chosen = variants(counts) + calibrated_variants(checkpoint, args.model is None, args.k_sweep)
     if args.only:
         names = {n.strip() for n in args.only.split(";")}  # names hold commas ("core knee, early KV kept")
-        chosen = [(n, s) for n, s in chosen if n in names]
+        chosen = [(n, s) for n, s in chosen if n in names or (args.k_sweep and " K=" in n)]  # the sweep stays
     if args.first_scene < 0:
         ap.error(f"--first-scene must be 0 or more, got {args.first_scene}")
     questions = held_out_questions(args.scenes, args.per_scene, args.first_scene)
@@ -161,12 +193,14 @@ def markdown(summary: list[dict], record: dict) -> str:
         f"Exact-answer accuracy in %; kept = mean image tokens kept from layer K on (K = 2: layers 0 and 1 see "
         f"every token; sparsevlm: after its last stage, aggregates included); prefill s includes the vision tower.",
         "",
-        "| variant | " + " | ".join(KINDS) + " | overall | kept | prefill s |",
-        "|---" * (len(KINDS) + 4) + "|",
+        "| variant | " + " | ".join(KINDS) + " | overall | kept | prefill s | prefill x vs dense |",
+        "|---" * (len(KINDS) + 5) + "|",
     ]
+    dense = next((e for e in summary if e["variant"] == "dense"), None)
     for e in summary:
+        speedup = f"{dense['mean_prefill_s'] / e['mean_prefill_s']:.2f}" if dense and e["mean_prefill_s"] else ""
         lines.append(f"| {e['variant']} | " + " | ".join(pct(e[k]) for k in KINDS)
-                     + f" | **{pct(e['overall'])}** | {e['mean_kept']:.1f} | {e['mean_prefill_s']:.3f} |")
+                     + f" | **{pct(e['overall'])}** | {e['mean_kept']:.1f} | {e['mean_prefill_s']:.3f} | {speedup} |")
     return "\n".join(lines) + "\n"
 
 

@@ -10,7 +10,7 @@ questions (the same rotation as token_fidelity.py):
 
 1. The engine's own selections at its default layer (K = 2), dense neurons:
    CoreMatching at the knee, and core, fastv, random and sparsevlm keeping
-   --count tokens. Reported: tokens kept, the share of object patches kept
+   --count tokens; and the demo's calibrated token setting at its own K. Reported: tokens kept, the share of object patches kept
    (recall), the share of kept tokens that are object patches, and the share
    of objects with at least one patch kept.
 2. A diagnostic of the core score, recomputed from transformers' own forward
@@ -55,6 +55,18 @@ def engine_rules(count: int) -> list[tuple[str, SparsitySettings]]:
     for rank in ("core", "fastv", "random", "sparsevlm"):
         rules.append((f"{rank} {count}", replace(tokens_only, tokens=TokenRule("count", count), token_rank=rank)))
     return rules
+
+
+def calibrated_rule(path: Path) -> list[tuple[str, SparsitySettings]]:
+    """The demo's calibrated token setting (every FFN neuron), where a calibration applies and prunes."""
+    from edgecm.calibration_record import load_record
+    from edgecm.demo import SHIPPED_CALIBRATION
+
+    calibration, _ = load_record(path, SHIPPED_CALIBRATION)
+    if calibration is None:
+        return []
+    settings = replace(calibration.apply(SparsitySettings()), neurons=NeuronBudget("dense"))
+    return [("calibrated", settings)] if settings.prunes_tokens else []
 
 
 def placement(kept: torch.Tensor, objects: torch.Tensor) -> dict:
@@ -135,7 +147,7 @@ def main() -> int:
     if default.prune_layer not in ks:
         ks.insert(0, default.prune_layer)
     tap = ActivationTap(reference, [k - 1 for k in ks])
-    rules = engine_rules(args.count)
+    rules = engine_rules(args.count) + calibrated_rule(path)
 
     rows = []
     started = time.time()

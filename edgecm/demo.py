@@ -29,10 +29,12 @@ DEMO_NOTICE = (
     "demo model: SmolLM2-135M-Instruct with a vision tower trained on a world of coloured shapes; "
     "it knows only circles, squares and triangles (see edgecm.scenes)"
 )
-# Measured by bench/token_placement.py and bench/token_fidelity.py; said whenever the demo prunes image tokens.
+# Measured by bench/token_placement.py and bench/token_fidelity.py; said when the demo prunes image tokens
+# with another setting than its calibrated one (edgecm/data/demo_calibration.json).
 DEMO_PRUNING_NOTICE = (
-    "on the demo, token pruning keeps background and drops the objects' image tokens, so its answers about "
-    "images go wrong (README, \"Token pruning on the demo\"); --mode dense answers right"
+    "on the demo, token pruning other than its calibrated setting (the paper's K = 2 above all) keeps background "
+    "and drops the objects' image tokens, so its answers about images go wrong (README, \"Token pruning on the "
+    "demo\"); without token flags the calibrated setting applies, and --mode dense answers right"
 )
 IMAGE_TOKEN = "<image>"
 VISION_WEIGHTS = Path(__file__).parent / "data" / "demo_vision.safetensors"

@@ -513,18 +513,18 @@ class Loaded:
     generation: Any
 
 
-def demo_pruning_notice(model_name: str, sparsity, calibration) -> str | None:
-    """What to tell a user whose images the demo is about to prune with a setting other than its measured
-    one, or None where it does not prune or prunes as calibrated."""
+def demo_pruning_notice(model_name: str, sparsity, calibration, num_layers: int) -> str | None:
+    """What to tell a user whose images the demo is about to prune with another token setting than its
+    measured one, or None where it does not prune or prunes as calibrated."""
     if model_name != "demo" or not sparsity.prunes_tokens:
         return None
-    from dataclasses import replace
-
     from edgecm.demo import DEMO_PRUNING_NOTICE
 
+    def pruning(settings) -> tuple:  # what decides the kept tokens
+        return (settings.token_rank, settings.tokens, settings.ranking_layers(num_layers), settings.keep_early_kv)
+
     if calibration is not None and calibration.tokens is not None:
-        calibrated = calibration.apply(sparsity)
-        if replace(calibrated, neurons=sparsity.neurons, dense_above=sparsity.dense_above) == sparsity:
+        if pruning(calibration.apply(sparsity)) == pruning(sparsity):
             return None
     return DEMO_PRUNING_NOTICE
 
@@ -554,7 +554,7 @@ def load_model(args: argparse.Namespace) -> Loaded:
     check_model_takes_inputs(args, checkpoint, model_name)
     if calibration is not None and sparsity.mode != "dense":
         print(f"edgecm: {calibration.describe()} (flags override it)", file=sys.stderr)
-    notice = demo_pruning_notice(model_name, sparsity, calibration)
+    notice = demo_pruning_notice(model_name, sparsity, calibration, checkpoint.config.text.num_layers)
     if notice and any(getattr(args, name, None) for name in ("image", "video", "inputs")):
         print(f"edgecm: {notice}", file=sys.stderr)
     generation = GenerationSettings(

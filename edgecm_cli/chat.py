@@ -117,7 +117,8 @@ class Chat:
         """The demo's pruning notice, for an image attached inside the chat (the CLI gives it at start-up)."""
         from edgecm_cli import demo_pruning_notice
 
-        notice = demo_pruning_notice(self.loaded.model_name, self.loaded.sparsity, self.loaded.calibration)
+        notice = demo_pruning_notice(self.loaded.model_name, self.loaded.sparsity, self.loaded.calibration,
+                                     self.loaded.checkpoint.config.text.num_layers)
         if notice:
             self.console.print(f"[yellow]{notice}[/]")
 
