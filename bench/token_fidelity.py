@@ -191,7 +191,9 @@ def markdown(summary: list[dict], record: dict) -> str:
         f"{record['questions']} questions), "
         f"model {record['model']}, {image_tokens} image tokens per image; {record['machine']}. "
         f"Exact-answer accuracy in %; kept = mean image tokens kept from layer K on (K = 2: layers 0 and 1 see "
-        f"every token; sparsevlm: after its last stage, aggregates included); prefill s includes the vision tower.",
+        f"every token, unless the row names its K; the calibrated rows prune from the calibration's K; sparsevlm: "
+        f"after its last stage, aggregates included); prefill s includes the vision tower, and its ratio to "
+        f"dense's comes from the same run, question by question.",
         "",
         "| variant | " + " | ".join(KINDS) + " | overall | kept | prefill s | prefill x vs dense |",
         "|---" * (len(KINDS) + 5) + "|",

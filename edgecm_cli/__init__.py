@@ -553,7 +553,7 @@ def load_model(args: argparse.Namespace) -> Loaded:
     sparsity.check_layers(checkpoint.config.text.num_layers)  # only config.json has been read so far
     check_model_takes_inputs(args, checkpoint, model_name)
     if calibration is not None and sparsity.mode != "dense":
-        print(f"edgecm: {calibration.describe()} (flags override it)", file=sys.stderr)
+        print(f"edgecm: {calibration.describe()}; flags override it", file=sys.stderr)
     notice = demo_pruning_notice(model_name, sparsity, calibration, checkpoint.config.text.num_layers)
     if notice and any(getattr(args, name, None) for name in ("image", "video", "inputs")):
         print(f"edgecm: {notice}", file=sys.stderr)
