@@ -210,6 +210,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     image = load_image(args.image) if args.image else None
     video = read_video(args.video, VideoOptions(args.fps, args.max_frames)) if args.video else None
     loaded = load_model(args)  # refuses an --image or --video the model cannot take before loading it
+    if not loaded.sparsity.prunes_tokens:
+        raise EdgecmError("show draws token pruning, and the checkpoint's calibration keeps every image token; "
+                          "pass --tokens knee, count:N or ratio:R")
     prompt = loaded.builder.build(args.question, image, video)
     result = loaded.engine.generate(prompt, loaded.generation, loaded.builder.stop_token_ids, sparsity=loaded.sparsity)
     rows, cols = grid = loaded.checkpoint.family.patch_grid(loaded.checkpoint.config, prompt)
