@@ -459,6 +459,18 @@ def _commands():
     }
 
 
+def finite_float(text: str) -> float:
+    """A float flag's type: inf and nan parse as floats, and pass a range check such as ``> 0``, so they are
+    refused here, for every float flag at once (build_parser gives every ``type=float`` this type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text}: use a finite number, not inf or nan")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from edgecm import __version__
 
@@ -473,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
             args, kwargs = flags[flag]
             if flag in overrides:  # a command whose own default differs (e.g. shorter captions)
                 kwargs = {**kwargs, "default": overrides[flag]}
+            if kwargs.get("type") is float:
+                kwargs = {**kwargs, "type": finite_float}
             command.add_argument(*args, **kwargs)
         command.set_defaults(handler=handler)
     return parser
