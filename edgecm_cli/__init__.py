@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1  # the environment failed (a full disk, an unwritable stdout), not the user's input
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cat` in the same place
 
@@ -720,17 +721,32 @@ def result_record(loaded: Loaded, result, text: str) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from edgecm_cli.interrupt import noting_interrupts
+    from edgecm_cli.streams import guard_streams, reserve_closed_streams
 
-    with noting_interrupts():
-        return _main(argv)
+    closed = reserve_closed_streams()  # first: no file opened later may take a closed stream's number
+    streams = sys.stdout, sys.stderr
+    guard_streams()
+    try:
+        with noting_interrupts():
+            return _main(argv, closed)
+    finally:
+        sys.stdout, sys.stderr = streams  # a caller in the same process gets its own streams back
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def writes_stdout(args: argparse.Namespace) -> bool:
+    """Whether the command's product is what it prints (refused with a closed stdout)."""
+    return args.command in ("run", "chat", "plan") or (args.command == "profile" and not args.out)
+
+
+def _main(argv: Sequence[str] | None, closed: set[int] = frozenset()) -> int:
     from edgecm_cli.interrupt import is_interrupt
+    from edgecm_cli.streams import StdoutError, refuse_closed
 
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        # The command as typed, for messages that say how to resume it.
+        args.command_line = ["edgecm", *(sys.argv[1:] if argv is None else argv)]
         from transformers.utils import logging as hf_logging
 
         from edgecm.errors import EdgecmError
@@ -738,7 +754,13 @@ def _main(argv: Sequence[str] | None) -> int:
         hf_logging.set_verbosity_error()  # library notices are not for end users
         hf_logging.disable_progress_bar()
         try:
-            return args.handler(args)
+            refuse_closed(args.command, closed, writes_stdout(args))
+            code = args.handler(args)
+            sys.stdout.flush()  # what is still buffered fails here, not in Python's own flush at exit
+            return code
+        except StdoutError as exc:  # not the user's input: the stream failed
+            print(f"edgecm: error: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
         except EdgecmError as exc:
             print(f"edgecm: error: {exc}", file=sys.stderr)
             return EXIT_USAGE

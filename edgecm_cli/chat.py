@@ -269,6 +269,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     options = VideoOptions(args.fps, args.max_frames)
     video = read_video(args.video, options) if args.video else None  # a bad folder fails before the model loads
     loaded = load_model(args)  # refuses an --image or --video the model cannot take before loading it
+    if hasattr(sys.stdin, "reconfigure"):
+        # A line that is not UTF-8 then arrives with its bytes escaped, and is refused as text is, instead of
+        # raising inside input() in a locale whose decoding is strict.
+        sys.stdin.reconfigure(errors="surrogateescape")
     chat = Chat(loaded, Console(highlight=False), image, args.image, options)
     chat.video, chat.video_path = video, args.video
     return chat.loop()
