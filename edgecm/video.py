@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from edgecm.errors import EdgecmError
-from edgecm.vision import load_image
+from edgecm.vision import load_image, not_a_file
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # File names taken as videos where a folder is searched (caption --videos); any file can be passed directly.
@@ -73,6 +73,8 @@ def read_frames(path: str | Path, options: VideoOptions = VideoOptions()) -> lis
     path = Path(path)
     check_options(options)
     if not path.is_dir():
+        if path.is_symlink() or path.exists():  # a link to nothing, a FIFO: never opened, named for what it is
+            raise EdgecmError(not_a_file(path, "video file or folder of frames"))
         raise EdgecmError(f"{path}: no such video file or folder of frames; check the path")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
     if not files:

@@ -274,6 +274,11 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
             dict(nargs="+", metavar="INPUT", help="image files, folders (searched recursively) or .txt/.lst files listing paths"),
         ),
         "out": (("--out",), dict(required=True, metavar="FILE.jsonl", help="output JSONL; an existing file is resumed")),
+        "retry_errors": (
+            ("--retry-errors",),
+            dict(action="store_true", help="caption again the images whose last line in --out is an error (a file "
+                 "that was missing, since restored); the new line is appended and counts, the old one stays"),
+        ),
         "prompt": (
             ("--prompt",),
             dict(default=CAPTION_PROMPT, metavar="TEXT", help="instruction for every image (default: %(default)r)"),
@@ -413,7 +418,8 @@ def _commands():
             "caption many images into a JSONL file, resumable",
             "Caption image files, folders (recursively) and text files listing paths. One JSON line per image, "
             "flushed and fsynced as written; run again with the same --out to resume.",
-            ("inputs", "out", "prompt", "shard", "batch_size", "ray", "workers", "videos", "fps", "max_frames", *model,
+            ("inputs", "out", "retry_errors", "prompt", "shard", "batch_size", "ray", "workers", "videos", "fps",
+             "max_frames", *model,
              *sampling, *SPARSITY_FLAGS),
             cmd_caption,
             {"max_new_tokens": CAPTION_NEW_TOKENS},

@@ -37,6 +37,16 @@ def one_error_line(stderr: str) -> str:
     return lines[0]
 
 
+def wait_for_holder(out: Path, pid: int, timeout: float = 120) -> None:
+    """Until process ``pid`` holds the lock on ``out`` (the file itself)."""
+    from edgecm_cli.captions_file import holder_of
+
+    deadline = time.time() + timeout
+    while holder_of(out) != pid:
+        assert time.time() < deadline, f"pid {pid} never locked {out}"
+        time.sleep(0.1)
+
+
 @pytest.fixture()
 def images(tmp_path):
     folder = tmp_path / "imgs"
@@ -82,10 +92,7 @@ def test_a_second_caption_process_on_the_same_out_is_refused_and_nothing_doubles
     args = [sys.executable, "-m", "edgecm_cli", "caption", str(images), "--model", str(model_dir), "--out", str(out),
             "--max-new-tokens", "300", "--batch-size", "1"]
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lock = out.with_name(out.name + ".lock")
-    deadline = time.time() + 120
-    while not (lock.exists() and lock.read_text().strip() == str(first.pid)) and time.time() < deadline:
-        time.sleep(0.1)
+    wait_for_holder(out, first.pid)
     second = edgecm("caption", str(images), "--model", str(model_dir), "--out", str(out))
     assert second.returncode == 2
     assert f"pid {first.pid}" in one_error_line(second.stderr)
@@ -100,13 +107,9 @@ def test_a_lock_left_by_a_killed_run_does_not_block_the_next(build_llava, images
     args = [sys.executable, "-m", "edgecm_cli", "caption", str(images), "--model", str(model_dir), "--out", str(out),
             "--max-new-tokens", "24"]
     victim = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    lock = out.with_name(out.name + ".lock")
-    deadline = time.time() + 120
-    while not (lock.exists() and lock.read_text().strip() == str(victim.pid)) and time.time() < deadline:
-        time.sleep(0.1)
+    wait_for_holder(out, victim.pid)
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
-    assert lock.exists()
     again = edgecm("caption", str(images), "--model", str(model_dir), "--out", str(out), "--max-new-tokens", "2")
     assert again.returncode == 0, again.stderr
     assert len(out.read_text().splitlines()) == 3
