@@ -39,6 +39,7 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
 
     from edgecm.video import VideoOptions
     from edgecm_cli.plan import QUESTION_TOKENS
+    from edgecm_cli.ray_address import RAY_CONNECT_TIMEOUT_S
     from runtime.captioning import AUTO_BATCH_LIMIT, CAPTION_PROMPT, Captioner
     from runtime.engine import DEFAULT_DEVICE
     from runtime.planner import Workload
@@ -79,9 +80,14 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
                 "--ray alone starts a local one. Needs pip install 'edgecm[ray]'",
             ),
         ),
+        "ray_timeout": (
+            ("--ray-timeout",),
+            dict(type=float, default=RAY_CONNECT_TIMEOUT_S, metavar="S",
+                 help="with --ray ADDRESS: give up joining the cluster after S seconds (default: %(default)s)"),
+        ),
         "workers": (
             ("--workers",),
-            dict(type=int, default=None, metavar="N",
+            dict(type=positive_int, default=None, metavar="N",
                  help="with --ray on CPU: N actors sharing the cluster's CPUs (default: one per 2 CPUs); "
                  "on GPU nodes one actor per GPU"),
         ),
@@ -418,7 +424,7 @@ def _commands():
             "caption many images into a JSONL file, resumable",
             "Caption image files, folders (recursively) and text files listing paths. One JSON line per image, "
             "flushed and fsynced as written; run again with the same --out to resume.",
-            ("inputs", "out", "retry_errors", "prompt", "shard", "batch_size", "ray", "workers", "videos", "fps",
+            ("inputs", "out", "retry_errors", "prompt", "shard", "batch_size", "ray", "ray_timeout", "workers", "videos", "fps",
              "max_frames", *model,
              *sampling, *SPARSITY_FLAGS),
             cmd_caption,
@@ -628,6 +634,16 @@ def batch_size_flag(text: str) -> int | str:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text}: use a whole number of at least 1, or auto")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: use a whole number of at least 1")
     return value
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from edgecm.errors import EdgecmError
 from edgecm_cli.captions_file import CaptionsFile, CaptionsFileError
 from edgecm_cli.interrupt import is_interrupt
+from edgecm_cli.ray_address import RAY_CONNECT_TIMEOUT_S, bounded_wait, check_address, check_timeout, probe
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 LIST_SUFFIXES = {".txt", ".lst"}
@@ -157,10 +158,17 @@ def cmd_caption(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_file():
         raise EdgecmError(f"--out {out}: not a regular file; pass a path for the captions file (.jsonl)")
-    listing = expand_inputs(args.inputs, args.videos)
+    if args.ray is None and (args.workers is not None or args.ray_timeout != RAY_CONNECT_TIMEOUT_S):
+        flag = "--workers" if args.workers is not None else "--ray-timeout"
+        raise EdgecmError(f"{flag} is for captioning on Ray; add --ray (alone for a local cluster), or drop {flag}")
     if args.ray is not None:
         from runtime.ray_captioning import require_ray
 
+        target = check_address(args.ray)  # a malformed address or port, refused before Ray starts or OUT is touched
+        if target is not None:
+            probe(args.ray, target, check_timeout(args.ray_timeout))  # nothing listening: one line, at once
+    listing = expand_inputs(args.inputs, args.videos)
+    if args.ray is not None:
         require_ray()  # without the extra: one line naming the install command, before OUT is touched
     captions = CaptionsFile(out)  # locked from here on, by the file's inode
     try:
@@ -290,7 +298,11 @@ def _caption_ray(args: argparse.Namespace, captions: CaptionsFile, todo: list[Pa
     check_model_takes_inputs(args, checkpoint, args.model or "demo")
     # The same settings `edgecm caption` would use: the flags over the checkpoint's calibration record.
     sparsity = sparsity_from_flags(args, checkpoint_calibration(checkpoint, args.model or "demo"))
-    ray = connect(None if args.ray == "local" else args.ray)
+    if args.ray == "local":
+        ray = connect(None)
+    else:
+        with bounded_wait(args.ray, args.ray_timeout, cleanup=captions.close):
+            ray = connect(args.ray)
     place = placement_for(ray, args.device, args.workers)
     spec = WorkerSpec(
         model=args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
