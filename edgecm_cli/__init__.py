@@ -660,6 +660,21 @@ def check_generation_flags(args: argparse.Namespace) -> None:
         from runtime.planner import parse_bytes
 
         parse_bytes(args.budget)
+    check_pixel_flags(args)
+
+
+def check_pixel_flags(args: argparse.Namespace) -> None:
+    """--min-pixels and --max-pixels, checked before the model opens (the processor checks them again)."""
+    from edgecm.errors import EdgecmError
+    from edgecm.families.qwen2_5_vl import check_min_pixels
+
+    low, high = getattr(args, "min_pixels", None), getattr(args, "max_pixels", None)
+    for flag, value in (("--min-pixels", low), ("--max-pixels", high)):
+        if value is not None and value < 1:
+            raise EdgecmError(f"{flag} {value}: must be a positive number of pixels")
+    if low is not None and high is not None and low > high:
+        raise EdgecmError(f"--min-pixels {low} is above --max-pixels {high}; lower it or raise --max-pixels")
+    check_min_pixels(low, "--min-pixels")
 
 
 def stats_line(result) -> str:
