@@ -331,7 +331,11 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
             dict(type=float, default=workload.neuron_fraction, metavar="F",
                  help="share of FFN neurons in the decode set (default: %(default)s)"),
         ),
-        "profile_out": (("--out",), dict(metavar="FILE.json", help="also write the profile here, e.g. profiles/my-gpu.json")),
+        "profile_out": (
+            ("--out",),
+            dict(metavar="FILE.json", help="also write the profile here, e.g. profiles/my-gpu.json; checked before "
+                 "measuring, and its folder is made only if that folder's parent exists (no deeper)"),
+        ),
         "scratch": (("--scratch",), dict(default=".", metavar="DIR", help="directory for the disk test file (default: %(default)s)")),
         "quick": (("--quick",), dict(action="store_true", help="small sizes: seconds instead of a minute, noisier figures")),
         "keep_early_kv": (

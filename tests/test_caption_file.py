@@ -44,21 +44,6 @@ def slow_run(model_dir, folder: Path, out: Path) -> subprocess.Popen:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.fixture()
-def small_disk(tmp_path):
-    """A real filesystem of 64 KiB (a tmpfs), unmounted afterwards; skipped where mounting is not allowed."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root and mount rights): {made.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
-
-
 def test_the_lock_covers_every_path_to_the_file(build_llava, folder, tmp_path):
     """A symlink and a hard link to a file being written are both refused: nothing is captioned twice."""
     model_dir, _ = build_llava(**TINY)
