@@ -391,6 +391,24 @@ def sparsity_from_flags(args: argparse.Namespace, calibration=None):
     return replace(settings, **{name: parse.get(name, lambda v: v)(value) for name, value in given.items()})
 
 
+def refuse_idle_sparsevlm_flags(args: argparse.Namespace, sparsity) -> None:
+    """SparseVLM's own flags do nothing under another ranking; given anyway, they are refused rather than
+    silently ignored. Checked on the final settings, as a calibration can choose sparsevlm itself."""
+    from edgecm.errors import EdgecmError
+    from edgecm.sparsity import SparsitySettings
+
+    if sparsity.mode == "dense" or sparsity.token_rank == "sparsevlm":
+        return
+    given = [flag for flag, on in (("--sparsevlm-k", getattr(args, "sparsevlm_k", None) is not None),
+                                   ("--no-recycle", getattr(args, "no_recycle", False)),
+                                   ("--rank-scale", getattr(args, "rank_scale", SparsitySettings.rank_scale)
+                                    != SparsitySettings.rank_scale)) if on]
+    if given:
+        source = "--token-rank" if getattr(args, "token_rank", None) else "the default or the calibration"
+        raise EdgecmError(f"{given[0]} applies to --token-rank sparsevlm only, and the ranking here is "
+                          f"{sparsity.token_rank} ({source}); add --token-rank sparsevlm, or drop {given[0]}")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not usage + message
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -581,6 +599,7 @@ def load_model(args: argparse.Namespace) -> Loaded:
     checkpoint, model_name = open_model(args.model)
     calibration = checkpoint_calibration(checkpoint, model_name)
     sparsity = sparsity_from_flags(args, calibration)
+    refuse_idle_sparsevlm_flags(args, sparsity)
     sparsity.check_layers(checkpoint.config.text.num_layers)  # only config.json has been read so far
     check_model_takes_inputs(args, checkpoint, model_name)
     if calibration is not None and sparsity.mode != "dense":

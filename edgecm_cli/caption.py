@@ -288,7 +288,10 @@ def _caption_ray(args: argparse.Namespace, captions: CaptionsFile, todo: list[Pa
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from edgecm.checkpoint import open_checkpoint
-    from edgecm_cli import check_model_takes_inputs, checkpoint_calibration, demo_directory, sparsity_from_flags
+    from edgecm_cli import (
+        check_model_takes_inputs, checkpoint_calibration, demo_directory, refuse_idle_sparsevlm_flags,
+        sparsity_from_flags,
+    )
     from runtime.captioning import AUTO_BATCH_LIMIT
     from runtime.ray_captioning import WorkerSpec, caption_on_ray, connect, placement_for
 
@@ -298,6 +301,7 @@ def _caption_ray(args: argparse.Namespace, captions: CaptionsFile, todo: list[Pa
     check_model_takes_inputs(args, checkpoint, args.model or "demo")
     # The same settings `edgecm caption` would use: the flags over the checkpoint's calibration record.
     sparsity = sparsity_from_flags(args, checkpoint_calibration(checkpoint, args.model or "demo"))
+    refuse_idle_sparsevlm_flags(args, sparsity)
     if args.ray == "local":
         ray = connect(None)
     else:

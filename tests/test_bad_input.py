@@ -412,3 +412,17 @@ def test_a_negative_dense_layer_is_refused(tmp_path):
     done = edgecm("run", "--model", str(tmp_path / "never-opened"), "-q", "hi", "--dense-layers=-1")
     assert done.returncode == 2
     assert "--dense-layers -1: layer -1 does not exist; layers are numbered from 0" in one_error_line(done.stderr)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sparsevlm-k", "2"], "--sparsevlm-k applies to --token-rank sparsevlm only, and the ranking here is core "
+                             "(the default or the calibration)"),
+    (["--no-recycle", "--token-rank", "fastv"], "--no-recycle applies to --token-rank sparsevlm only, and the ranking "
+                                                "here is fastv (--token-rank)"),
+    (["--rank-scale", "9"], "--rank-scale applies to --token-rank sparsevlm only"),
+])
+def test_sparsevlm_flags_under_another_ranking_are_refused_not_ignored(build_llava, flags, message):
+    model_dir, _ = build_llava(**TINY)
+    # --device fails only as the engine is built: this refusal comes before, from config.json alone.
+    done = edgecm("run", "--model", str(model_dir), "-q", "hi", "--device", "not-a-device", *flags)
+    assert done.returncode == 2 and message in one_error_line(done.stderr)
