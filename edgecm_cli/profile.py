@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from edgecm.errors import EdgecmError
+from edgecm_cli.streams import StdoutError
 
 FULL = dict(disk=1024 * 2**20, memory=512 * 2**20, transfer=512 * 2**20, matmul=4096)
 QUICK = dict(disk=64 * 2**20, memory=64 * 2**20, transfer=64 * 2**20, matmul=512)
@@ -117,16 +118,24 @@ def _measure_and_write(args: argparse.Namespace, device, sizes: dict, scratch: P
         "notes": NOTES,
     }
     text = json.dumps(profile, indent=2)
-    print(text, flush=True)  # first: a file that cannot be written then loses nothing
+    unprinted = None
+    try:
+        print(text, flush=True)  # first: a file that cannot be written then loses nothing
+    except StdoutError as exc:
+        if pending is None:
+            raise
+        unprinted = exc  # the file may still take it: written first, then the stdout failure is said
     if pending is not None:
         try:
             pending.commit(text + "\n")
         except OSError as exc:
-            print(f"edgecm: error: --out {pending.out}: cannot write the profile ({exc.strerror}); it is printed "
-                  f"above, on stdout: save it from there, or run again with --out on a disk with room",
-                  file=sys.stderr)
+            where = "it is printed above, on stdout: save it from there" if unprinted is None else "nor on stdout"
+            print(f"edgecm: error: --out {pending.out}: cannot write the profile ({exc.strerror}); {where}, or run "
+                  f"again with --out on a disk with room", file=sys.stderr)
             return 1
         console.print(f"wrote {pending.out}")
+    if unprinted is not None:
+        raise unprinted
     return 0
 
 

@@ -101,3 +101,11 @@ def test_a_profile_that_cannot_be_written_is_still_printed(tmp_path, small_disk)
 def test_a_scratch_disk_without_room_is_refused_before_measuring(small_disk):
     done = profile("--scratch", str(small_disk))
     assert done.returncode == 2 and "the disk test writes 64 MiB" in one_error(done.stderr)
+
+
+def test_a_full_stdout_does_not_keep_the_profile_from_its_file(tmp_path):
+    out = tmp_path / "p.json"
+    done = subprocess.run(["bash", "-c", f"{sys.executable} -m edgecm_cli profile --quick --scratch {tmp_path} "
+                           f"--out {out} > /dev/full"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "standard output cannot be written" in one_error(done.stderr)
+    assert json.loads(out.read_text())["kind"] == "cpu"
