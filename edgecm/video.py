@@ -24,10 +24,9 @@ repeating the last frame, and patches ordered merge block by merge block.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
-
-import math
 
 import numpy as np
 import torch

@@ -161,15 +161,14 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if args.ray is None and (args.workers is not None or args.ray_timeout != RAY_CONNECT_TIMEOUT_S):
         flag = "--workers" if args.workers is not None else "--ray-timeout"
         raise EdgecmError(f"{flag} is for captioning on Ray; add --ray (alone for a local cluster), or drop {flag}")
+    target = None if args.ray is None else check_address(args.ray)  # malformed: refused before Ray starts
+    listing = expand_inputs(args.inputs, args.videos)
     if args.ray is not None:
         from runtime.ray_captioning import require_ray
 
-        target = check_address(args.ray)  # a malformed address or port, refused before Ray starts or OUT is touched
+        require_ray()  # without the extra: one line naming the install command, before OUT is touched
         if target is not None:
             probe(args.ray, target, check_timeout(args.ray_timeout))  # nothing listening: one line, at once
-    listing = expand_inputs(args.inputs, args.videos)
-    if args.ray is not None:
-        require_ray()  # without the extra: one line naming the install command, before OUT is touched
     captions = CaptionsFile(out)  # locked from here on, by the file's inode
     try:
         paths = []
