@@ -47,8 +47,11 @@ class CalibrationSet:
 def from_jsonl(path: Path, limit: int | None = None) -> CalibrationSet:
     if not path.is_file():
         raise EdgecmError(f"{path}: no such calibration file; pass a JSONL file of image/question lines or a folder")
+    from edgecm.textfile import read_lines
+
     items = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    fix = 'pass --set a JSONL file of {"image": PATH, "question": TEXT} lines, or a folder of images'
+    for number, line in enumerate(read_lines(path, fix), 1):
         if not line.strip():
             continue
         where = f"{path}:{number}"

@@ -29,18 +29,37 @@ PROMPTS_FILE = Path(__file__).parent / "data" / "prompts.jsonl"
 
 
 def load_prompts(path: Path = PROMPTS_FILE) -> list[str]:
-    """Prompts from JSONL lines with a 'prompt' field, or plain lines (one prompt each)."""
+    """Prompts from JSONL lines with a 'prompt' field, or plain lines (one prompt each).
+
+    A line that is JSON but not an object with a text 'prompt' (a number, an array) is refused with its
+    line number rather than read as text: it is almost surely a malformed set, not a question.
+    """
+    from edgecm.textfile import read_lines
+
     if not path.is_file():
         raise EdgecmError(f"{path}: no such prompt file; pass --prompts a JSONL or text file")
+    fix = "pass --prompts a JSONL file of {\"prompt\": TEXT} lines, or a text file with one prompt a line"
     prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_lines(path, fix), 1):
         if not line.strip():
             continue
-        if line.lstrip().startswith("{"):
+        start = line.lstrip()[:1]
+        if start in ("{", "["):
             try:
-                prompts.append(str(json.loads(line)["prompt"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise EdgecmError(f"{path}:{number}: not a JSON object with a 'prompt' field; fix that line") from None
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                if start == "{":
+                    raise EdgecmError(f"{path}:{number}: not a JSON object with a 'prompt' field; fix that line") from None
+                prompts.append(line)  # "[INST] ..." and the like: text that opens with a bracket
+                continue
+            if not isinstance(entry, dict):
+                raise EdgecmError(f"{path}:{number}: a JSON {type(entry).__name__}, not an object with a 'prompt' "
+                                  f"field; write {{\"prompt\": \"...\"}}, or the prompt as plain text")
+            prompt = entry.get("prompt")
+            if not isinstance(prompt, str) or not prompt.strip():
+                shown = "missing" if "prompt" not in entry else json.dumps(entry["prompt"])
+                raise EdgecmError(f"{path}:{number}: 'prompt' must be a non-empty text, not {shown}; fix that line")
+            prompts.append(prompt)
         else:
             prompts.append(line)
     if not prompts:

@@ -177,7 +177,13 @@ class PromptBuilder:
         return self.build_conversation([("user", question)], image, 0, video)
 
     def check_text(self, text: str) -> None:
-        """Refuse text that holds one of the tokenizer's control strings, such as ``<image>``."""
+        """Refuse text that holds one of the tokenizer's control strings, such as ``<image>``, or bytes that
+        are not UTF-8 (Python reads those from argv and pipes as lone surrogates, which tokenizers reject)."""
+        stray = next((c for c in text if "\ud800" <= c <= "\udfff"), None)
+        if stray is not None:
+            byte = f"byte \\x{ord(stray) - 0xDC00:02x}" if ord(stray) >= 0xDC80 else f"U+{ord(stray):04X}"
+            raise EdgecmError(f"the text holds {byte}, which is not UTF-8 text; write it in UTF-8 "
+                              f"(iconv -t UTF-8 converts a file)")
         found = next((t for t in self.reserved_strings if t in text), None)
         if found is not None:
             raise EdgecmError(

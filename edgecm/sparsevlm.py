@@ -80,7 +80,8 @@ def select_raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 def rank_target(relation: torch.Tensor, image_tokens: int, scale: float = RANK_SCALE) -> int:
     """The rank rule: visual tokens a stage keeps, ``scale * rank(P)``, the scale given per 576 image tokens."""
     rank = int(torch.linalg.matrix_rank(relation.float()).item())
-    return int(rank * scale * image_tokens / PAPER_IMAGE_TOKENS)
+    # Capped at the image's tokens before int(): a huge finite scale would otherwise overflow to inf.
+    return int(min(image_tokens, rank * scale * image_tokens / PAPER_IMAGE_TOKENS))
 
 
 def recycle_candidates(dropped: int) -> int:

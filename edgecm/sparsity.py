@@ -135,7 +135,7 @@ class SparsitySettings:
         if self.prune_layer < 1:
             # Layer K-1 is read to rank the tokens, so at least one layer sees them all.
             raise EdgecmError(f"--prune-layer {self.prune_layer}: must be >= 1 (layers 0..K-1 see every token)")
-        if not self.rank_scale > 0:
+        if not (math.isfinite(self.rank_scale) and self.rank_scale > 0):
             raise EdgecmError(f"--rank-scale {self.rank_scale}: must be a positive number")
         if not 0 < self.dense_above <= 1:
             raise EdgecmError(f"--dense-above {self.dense_above}: must be in (0, 1]")
@@ -187,6 +187,9 @@ def parse_layer_list(text: str) -> tuple[int, ...]:
     if not text:
         return ()
     try:
-        return tuple(sorted({int(x) for x in text.split(",")}))
+        layers = tuple(sorted({int(x) for x in text.split(",")}))
     except ValueError:
         raise EdgecmError(f"--dense-layers {text}: use a comma-separated list of layer numbers, e.g. 0,1,29") from None
+    if layers[0] < 0:  # no layer has a negative number, so -1 would silently match none
+        raise EdgecmError(f"--dense-layers {text}: layer {layers[0]} does not exist; layers are numbered from 0")
+    return layers

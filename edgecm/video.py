@@ -24,6 +24,7 @@ repeating the last frame, and patches ordered merge block by merge block.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from edgecm.errors import EdgecmError
-from edgecm.vision import load_image
+from edgecm.vision import load_image, not_a_file
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # File names taken as videos where a folder is searched (caption --videos); any file can be passed directly.
@@ -71,6 +72,8 @@ def read_frames(path: str | Path, options: VideoOptions = VideoOptions()) -> lis
     path = Path(path)
     check_options(options)
     if not path.is_dir():
+        if path.is_symlink() or path.exists():  # a link to nothing, a FIFO: never opened, named for what it is
+            raise EdgecmError(not_a_file(path, "video file or folder of frames"))
         raise EdgecmError(f"{path}: no such video file or folder of frames; check the path")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
     if not files:
@@ -85,8 +88,8 @@ def read_frames(path: str | Path, options: VideoOptions = VideoOptions()) -> lis
 
 
 def check_options(options: VideoOptions) -> None:
-    if not options.fps > 0:
-        raise EdgecmError(f"fps {options.fps}: must be above 0")
+    if not (math.isfinite(options.fps) and options.fps > 0):  # inf passes "> 0" and overflows the frame count
+        raise EdgecmError(f"fps {options.fps}: must be a finite number above 0")
     if options.max_frames < 1:
         raise EdgecmError(f"max_frames {options.max_frames}: must be at least 1")
 
@@ -131,8 +134,9 @@ def _duration_s(container, stream) -> float | None:
 def _sample(decoded, duration: float, stream, options: VideoOptions) -> list:
     """For each sample time k * duration / n, the first decoded frame at or after it (or the last frame)."""
     rate = float(stream.average_rate or options.fps)
-    # Never more samples than the clip has frames: an --fps above the clip's own rate takes every frame.
-    wanted = min(options.max_frames, max(1, round(duration * options.fps)), max(1, round(duration * rate)))
+    # Never more samples than the clip has frames: an --fps above the clip's own rate takes every frame. The
+    # rate is capped before it multiplies, so a huge finite --fps (1e308) cannot overflow to inf.
+    wanted = min(options.max_frames, max(1, round(duration * min(options.fps, rate))))
     times = [k * duration / wanted for k in range(wanted)]
     start = None
     picked: list = []

@@ -18,7 +18,7 @@ def load_image(path: str | Path):
 
     path = Path(path)
     if not path.is_file():
-        raise EdgecmError(f"{path}: no such image file; check the path")
+        raise EdgecmError(not_a_file(path, "image file"))
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
@@ -35,6 +35,22 @@ def load_image(path: str | Path):
         raise EdgecmError(f"{path}: not an image file; use a PNG, JPEG or WebP image") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise EdgecmError(f"{path}: image is corrupt or truncated ({exc}); re-export or re-download it") from None
+
+
+def not_a_file(path: Path, what: str) -> str:
+    """Why ``path`` cannot be read as a ``what``, for a path that is not a regular file."""
+    import stat
+
+    if path.is_symlink() and not path.exists():
+        return f"{path}: a symbolic link to nothing (its target is missing, or the link loops); fix or remove it"
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return f"{path}: no such {what}; check the path"
+    # Never opened: reading a FIFO would wait for a writer forever.
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device")
+    return f"{path}: {kind}, not {'an' if what[0] in 'aeiou' else 'a'} {what}; pass a regular file"
 
 
 # Pillow's integer modes for 16-bit greyscale (PNG, TIFF): values up to 65535 in "I;16*" or "I".

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
+from edgecm_cli.checks import (  # noqa: F401 -- the commands import these from edgecm_cli
+    batch_size_flag, check_generation_flags, check_model_takes_inputs, check_pixel_flags, finite_float,
+    positive_int, refuse_idle_sparsevlm_flags,
+)
+
 EXIT_USAGE = 2
+EXIT_FAILURE = 1  # the environment failed (a full disk, an unwritable stdout), not the user's input
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cat` in the same place
 
@@ -38,6 +43,7 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
 
     from edgecm.video import VideoOptions
     from edgecm_cli.plan import QUESTION_TOKENS
+    from edgecm_cli.ray_address import RAY_CONNECT_TIMEOUT_S
     from runtime.captioning import AUTO_BATCH_LIMIT, CAPTION_PROMPT, Captioner
     from runtime.engine import DEFAULT_DEVICE
     from runtime.planner import Workload
@@ -78,9 +84,14 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
                 "--ray alone starts a local one. Needs pip install 'edgecm[ray]'",
             ),
         ),
+        "ray_timeout": (
+            ("--ray-timeout",),
+            dict(type=float, default=RAY_CONNECT_TIMEOUT_S, metavar="S",
+                 help="with --ray ADDRESS: give up joining the cluster after S seconds (default: %(default)s)"),
+        ),
         "workers": (
             ("--workers",),
-            dict(type=int, default=None, metavar="N",
+            dict(type=positive_int, default=None, metavar="N",
                  help="with --ray on CPU: N actors sharing the cluster's CPUs (default: one per 2 CPUs); "
                  "on GPU nodes one actor per GPU"),
         ),
@@ -273,6 +284,11 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
             dict(nargs="+", metavar="INPUT", help="image files, folders (searched recursively) or .txt/.lst files listing paths"),
         ),
         "out": (("--out",), dict(required=True, metavar="FILE.jsonl", help="output JSONL; an existing file is resumed")),
+        "retry_errors": (
+            ("--retry-errors",),
+            dict(action="store_true", help="caption again the images whose last line in --out is an error (a file "
+                 "that was missing, since restored); the new line is appended and counts, the old one stays"),
+        ),
         "prompt": (
             ("--prompt",),
             dict(default=CAPTION_PROMPT, metavar="TEXT", help="instruction for every image (default: %(default)r)"),
@@ -319,7 +335,11 @@ def _flag_registry() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
             dict(type=float, default=workload.neuron_fraction, metavar="F",
                  help="share of FFN neurons in the decode set (default: %(default)s)"),
         ),
-        "profile_out": (("--out",), dict(metavar="FILE.json", help="also write the profile here, e.g. profiles/my-gpu.json")),
+        "profile_out": (
+            ("--out",),
+            dict(metavar="FILE.json", help="also write the profile here, e.g. profiles/my-gpu.json; checked before "
+                 "measuring, and its folder is made only if that folder's parent exists (no deeper)"),
+        ),
         "scratch": (("--scratch",), dict(default=".", metavar="DIR", help="directory for the disk test file (default: %(default)s)")),
         "quick": (("--quick",), dict(action="store_true", help="small sizes: seconds instead of a minute, noisier figures")),
         "keep_early_kv": (
@@ -412,7 +432,8 @@ def _commands():
             "caption many images into a JSONL file, resumable",
             "Caption image files, folders (recursively) and text files listing paths. One JSON line per image, "
             "flushed and fsynced as written; run again with the same --out to resume.",
-            ("inputs", "out", "prompt", "shard", "batch_size", "ray", "workers", "videos", "fps", "max_frames", *model,
+            ("inputs", "out", "retry_errors", "prompt", "shard", "batch_size", "ray", "ray_timeout", "workers", "videos", "fps",
+             "max_frames", *model,
              *sampling, *SPARSITY_FLAGS),
             cmd_caption,
             {"max_new_tokens": CAPTION_NEW_TOKENS},
@@ -473,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
             args, kwargs = flags[flag]
             if flag in overrides:  # a command whose own default differs (e.g. shorter captions)
                 kwargs = {**kwargs, "default": overrides[flag]}
+            if kwargs.get("type") is float:
+                kwargs = {**kwargs, "type": finite_float}
             command.add_argument(*args, **kwargs)
         command.set_defaults(handler=handler)
     return parser
@@ -550,6 +573,7 @@ def load_model(args: argparse.Namespace) -> Loaded:
     checkpoint, model_name = open_model(args.model)
     calibration = checkpoint_calibration(checkpoint, model_name)
     sparsity = sparsity_from_flags(args, calibration)
+    refuse_idle_sparsevlm_flags(args, sparsity)
     sparsity.check_layers(checkpoint.config.text.num_layers)  # only config.json has been read so far
     check_model_takes_inputs(args, checkpoint, model_name)
     if calibration is not None and sparsity.mode != "dense":
@@ -576,53 +600,6 @@ def load_model(args: argparse.Namespace) -> Loaded:
         calibration=calibration,
         generation=generation,
     )
-
-
-def check_model_takes_inputs(args: argparse.Namespace, checkpoint, model_name: str) -> None:
-    """Refuse --image, --video or --videos that the model cannot take, from its config.json alone, so
-    the refusal comes before any weight is read."""
-    from edgecm.errors import EdgecmError
-    from edgecm.families import FAMILIES
-
-    if not checkpoint.config.is_multimodal:
-        if getattr(args, "image", None):
-            raise EdgecmError(f"--image: {model_name} is a text-only model and takes no image; drop --image or "
-                              f"pass --model a vision-language checkpoint")
-        if getattr(args, "inputs", None):
-            raise EdgecmError(f"{model_name}: a text-only model cannot caption images; pass --model a "
-                              f"vision-language checkpoint")
-    flag = "--video" if getattr(args, "video", None) else "--videos" if getattr(args, "videos", False) else None
-    if flag and not checkpoint.family.takes_video:
-        with_video = ", ".join(a for f in FAMILIES if f.takes_video for a in f.architectures)
-        raise EdgecmError(f"{flag}: {model_name} ({checkpoint.family.name}) takes no video; drop {flag} or pass "
-                          f"--model a checkpoint that does ({with_video})")
-
-
-def batch_size_flag(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: use a whole number of at least 1, or auto")
-    return value
-
-
-def check_generation_flags(args: argparse.Namespace) -> None:
-    from edgecm.errors import EdgecmError
-
-    if args.max_new_tokens < 1:
-        raise EdgecmError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-    if not 0 < args.top_p <= 1:
-        raise EdgecmError(f"--top-p {args.top_p}: must be in (0, 1]")
-    if not math.isfinite(args.temperature) or args.temperature < 0:
-        raise EdgecmError(f"--temperature {args.temperature}: must be 0 (greedy) or a positive number")
-    if args.budget is not None:
-        from runtime.planner import parse_bytes
-
-        parse_bytes(args.budget)
 
 
 def stats_line(result) -> str:
@@ -706,17 +683,32 @@ def result_record(loaded: Loaded, result, text: str) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from edgecm_cli.interrupt import noting_interrupts
+    from edgecm_cli.streams import guard_streams, reserve_closed_streams
 
-    with noting_interrupts():
-        return _main(argv)
+    closed = reserve_closed_streams()  # first: no file opened later may take a closed stream's number
+    streams = sys.stdout, sys.stderr
+    guard_streams()
+    try:
+        with noting_interrupts():
+            return _main(argv, closed)
+    finally:
+        sys.stdout, sys.stderr = streams  # a caller in the same process gets its own streams back
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def writes_stdout(args: argparse.Namespace) -> bool:
+    """Whether the command's product is what it prints (refused with a closed stdout)."""
+    return args.command in ("run", "chat", "plan") or (args.command == "profile" and not args.out)
+
+
+def _main(argv: Sequence[str] | None, closed: set[int] = frozenset()) -> int:
     from edgecm_cli.interrupt import is_interrupt
+    from edgecm_cli.streams import StdoutError, refuse_closed
 
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        # The command as typed, for messages that say how to resume it.
+        args.command_line = ["edgecm", *(sys.argv[1:] if argv is None else argv)]
         from transformers.utils import logging as hf_logging
 
         from edgecm.errors import EdgecmError
@@ -724,7 +716,13 @@ def _main(argv: Sequence[str] | None) -> int:
         hf_logging.set_verbosity_error()  # library notices are not for end users
         hf_logging.disable_progress_bar()
         try:
-            return args.handler(args)
+            refuse_closed(args.command, closed, writes_stdout(args))
+            code = args.handler(args)
+            sys.stdout.flush()  # what is still buffered fails here, not in Python's own flush at exit
+            return code
+        except StdoutError as exc:  # not the user's input: the stream failed
+            print(f"edgecm: error: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
         except EdgecmError as exc:
             print(f"edgecm: error: {exc}", file=sys.stderr)
             return EXIT_USAGE

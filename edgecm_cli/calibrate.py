@@ -51,7 +51,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from edgecm.fidelity import dense_references
     from edgecm.prompt import PromptBuilder
     from edgecm.sparsity import SparsitySettings, TokenRule
-    from edgecm_cli import open_model
+    from edgecm_cli import check_pixel_flags, open_model
     from runtime.engine import Engine
     from runtime.token_calibration import candidates, choose, sweep
 
@@ -61,6 +61,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.plot is not None and not args.plot.endswith(".png"):
         raise EdgecmError(f"--plot {args.plot}: give a .png file name")
     ranks = _ranks(args.token_ranks)
+    check_pixel_flags(args)
     calibration_set = load_calibration_set(args.set, args.question, args.limit, demo=args.model is None,
                                            prompts=args.prompts, image=args.image)
     checkpoint, model_name = open_model(args.model)

@@ -1,16 +1,13 @@
 """``edgecm caption``: batch offline captioning into a JSONL file that survives interruption.
 
-Safety of the output file:
-- one process at a time: ``OUT.lock`` is held with ``flock`` for the whole run, so
-  a second process on the same OUT is refused at once, naming the first;
-- a file that is not a captions file (its lines are not caption records) is
-  refused before anything is written, and left byte for byte as it was;
-- every line is written whole, then flushed and fsynced, before the next image starts;
-- on start, an existing file is read back: complete lines mark their images
-  as done (captions and recorded errors alike), and a torn last line (a
-  write cut off by a kill or a power loss) is truncated away, so the file
-  always parses and no image is written twice;
-- images are identified by their resolved absolute path.
+The output file's guarantees (one lock on the file itself, whole fsynced lines, resume, a full disk
+that leaves the file whole, ``--retry-errors``) are edgecm_cli.captions_file's.
+
+Inputs: image files named directly, folders searched recursively (links to folders followed, each
+folder once), and .txt/.lst files listing paths. In a folder, every entry whose name looks like an
+input (an image suffix; with ``--videos`` a video suffix) is an input, even one that cannot be read (a
+link to nothing, a FIFO): it gets an error line, never silence; what cannot be searched (an unreadable
+folder) is a counted skip, named on stderr. Images are identified by their resolved absolute path.
 
 Video files among the inputs (named directly, or found in folders with
 ``--videos``) are captioned as videos. With ``--videos`` a folder that holds
@@ -24,49 +21,108 @@ listing order and of which other files exist, so N launchers need no coordinatio
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
-import json
 import os
+import shlex
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgecm.errors import EdgecmError
+from edgecm_cli.captions_file import CaptionsFile, CaptionsFileError
 from edgecm_cli.interrupt import is_interrupt
+from edgecm_cli.ray_address import RAY_CONNECT_TIMEOUT_S, bounded_wait, check_address, check_timeout, probe
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 LIST_SUFFIXES = {".txt", ".lst"}
-# Every record this module writes starts with these bytes; a torn tail that does not is not ours.
-RECORD_START = b'{"path": '
 
 
-def expand_inputs(inputs: list[str], videos: bool = False) -> list[Path]:
+@dataclass
+class Listing:
+    """The inputs found, and what was left out of the search, one line each (said on stderr)."""
+
+    paths: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _search(folder: Path, suffixes, listing: Listing) -> list[Path]:
+    """Entries under ``folder`` whose names end in ``suffixes``, links to folders followed, each folder once.
+
+    pathlib's rglob neither follows a link to a folder nor says it did not, and drops an entry it cannot
+    stat (a link that loops): both were silently missing images.
+    """
+    found, seen, stack = [], set(), [folder]
+    while stack:
+        current = stack.pop()
+        try:
+            st = current.stat()
+            if (st.st_dev, st.st_ino) in seen:  # a link back up the tree, or a second link to one folder
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = list(os.scandir(current))
+        except OSError as exc:
+            listing.skipped.append(f"{current} (a folder that cannot be read: {exc.strerror})")
+            continue
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows a link; False for one that dangles or loops
+            except OSError:
+                is_dir = False
+            if is_dir:
+                stack.append(Path(entry.path))
+            elif os.path.splitext(entry.name)[1].lower() in suffixes:
+                found.append(Path(entry.path))  # unreadable or not: it gets a line
+    return sorted(found)
+
+
+def read_list(path: Path) -> list[Path]:
+    """The paths a .txt/.lst file lists, one a line (# comments); names are bytes, as file names are."""
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise EdgecmError(f"{path}: not a list of paths (it holds NUL bytes, so it is a binary file); pass a text "
+                          f"file with one path a line")
+    found = []
+    for raw in data.splitlines():
+        line = os.fsdecode(raw).strip()  # any file name, UTF-8 or not
+        if line and not line.startswith("#"):
+            listed = Path(line).expanduser()
+            found.append(listed if listed.is_absolute() else path.parent / listed)
+    return found
+
+
+def identity(path: Path) -> str:
+    """The absolute path an input is recorded under: links resolved, or the link itself where it leads
+    nowhere (so its error line names the link the user has)."""
+    resolved = os.path.realpath(path)
+    return resolved if os.path.exists(resolved) else os.path.abspath(path)
+
+
+def expand_inputs(inputs: list[str], videos: bool = False) -> Listing:
     """Files as given, folders searched recursively for images (or, with ``videos``, for video files, and
     taken whole as a video of frames where they hold none), list files read line by line; deduplicated."""
     from edgecm.video import VIDEO_SUFFIXES
 
+    listing = Listing()
     found: list[Path] = []
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir() and videos:
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
-            found += files or [path]
+            found += _search(path, set(VIDEO_SUFFIXES), listing) or [path]
         elif path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found += _search(path, IMAGE_SUFFIXES, listing)
         elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-            for line in path.read_text().splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    listed = Path(line).expanduser()
-                    found.append(listed if listed.is_absolute() else path.parent / listed)
-        elif path.exists():
+            found += read_list(path)
+        elif path.exists() or path.is_symlink():  # a link to nothing is an input that gets its error line
             found.append(path)
         else:
             raise EdgecmError(f"{path}: no such file or folder; pass image files, folders or .txt/.lst path lists")
     unique: dict[str, Path] = {}
     for p in found:
-        unique.setdefault(str(p.resolve()), p)
-    return [Path(key) for key in unique]
+        unique.setdefault(identity(p), p)
+    listing.paths = [Path(key) for key in unique]
+    return listing
 
 
 def plural(n: int, noun: str) -> str:
@@ -93,106 +149,6 @@ def in_shard(path: Path, shard: tuple[int, int] | None) -> bool:
     return int.from_bytes(digest[:8], "big") % shard[1] == shard[0]
 
 
-def recover(out: Path) -> set[str]:
-    """Paths already recorded in ``out``; a torn last line is cut off so the file parses again.
-
-    Everything is checked before anything is changed: a file whose complete
-    lines are not caption records, or whose unfinished tail is not the start
-    of one, is not ours (a picture, a text file), and is refused untouched.
-    """
-    if not out.exists():
-        return set()
-    if not out.is_file():
-        raise EdgecmError(f"--out {out}: not a regular file; pass a path for the captions file (.jsonl)")
-    data = out.read_bytes()
-    end = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
-    done = set()
-    for number, line in enumerate(data[:end].splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            done.add(record["path"])
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-            raise EdgecmError(
-                f"{out}:{number}: not a caption line, so this is not an edgecm captions file; it was left as it is. "
-                f"Pass a new --out (or repair that line)"
-            ) from None
-    tail = data[end:]
-    if tail and not (tail.startswith(RECORD_START) or RECORD_START.startswith(tail)):
-        raise EdgecmError(
-            f"{out}: does not end in a caption line, so this is not an edgecm captions file; it was left as it is. "
-            f"Pass a new --out"
-        )
-    if tail:
-        with out.open("r+b") as fh:
-            fh.truncate(end)
-            fh.flush()
-            os.fsync(fh.fileno())
-        print(f"edgecm: {out}: dropped a torn last line ({len(tail)} bytes); that image is redone", file=sys.stderr)
-    return done
-
-
-class OutputLock:
-    """An exclusive lock on ``OUT.lock`` for as long as one caption process writes OUT.
-
-    ``flock`` locks are released by the kernel when their process dies, so a
-    lock left by a killed run never blocks the next one; the file itself stays.
-    """
-
-    def __init__(self, out: Path):
-        import fcntl
-
-        self.path = out.with_name(out.name + ".lock")
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            self.handle = self.path.open("a+")
-        except OSError as exc:
-            raise EdgecmError(
-                f"--out {out}: cannot write in {out.parent} ({exc.strerror}); pass --out a path in a writable folder"
-            ) from None
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.handle.seek(0)
-            owner = self.handle.read().strip() or "unknown"
-            self.handle.close()
-            raise EdgecmError(
-                f"--out {out}: another edgecm caption (pid {owner}) is writing it; wait for that run to finish "
-                f"or pass another --out"
-            ) from None
-        self.handle.seek(0)
-        self.handle.truncate()
-        self.handle.write(str(os.getpid()))
-        self.handle.flush()
-
-    def release(self) -> None:
-        self.handle.close()  # closing the descriptor releases the lock
-
-
-class JsonlWriter:
-    """Appends whole lines, each flushed and fsynced before ``write`` returns."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = path.open("a", encoding="utf-8")
-
-    def write(self, record: dict) -> None:
-        line = json.dumps(record, ensure_ascii=False)
-        try:
-            line.encode("utf-8")
-        except UnicodeEncodeError:
-            # A file name that is not valid UTF-8 holds surrogate escapes (Python's view of its raw
-            # bytes); JSON's \\udcXX escapes record them losslessly and json.loads gives them back.
-            line = json.dumps(record, ensure_ascii=True)
-        self.handle.write(line + "\n")
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-
-    def close(self) -> None:
-        self.handle.close()
-
-
 def cmd_caption(args: argparse.Namespace) -> int:
     from edgecm_cli import check_generation_flags, sparsity_from_flags
 
@@ -202,29 +158,81 @@ def cmd_caption(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_file():
         raise EdgecmError(f"--out {out}: not a regular file; pass a path for the captions file (.jsonl)")
-    paths = [p for p in expand_inputs(args.inputs, args.videos) if in_shard(p, shard)]
+    if args.ray is None and (args.workers is not None or args.ray_timeout != RAY_CONNECT_TIMEOUT_S):
+        flag = "--workers" if args.workers is not None else "--ray-timeout"
+        raise EdgecmError(f"{flag} is for captioning on Ray; add --ray (alone for a local cluster), or drop {flag}")
+    target = None if args.ray is None else check_address(args.ray)  # malformed: refused before Ray starts
+    listing = expand_inputs(args.inputs, args.videos)
     if args.ray is not None:
         from runtime.ray_captioning import require_ray
 
         require_ray()  # without the extra: one line naming the install command, before OUT is touched
-    lock = OutputLock(out)
+        if target is not None:
+            probe(args.ray, target, check_timeout(args.ray_timeout))  # nothing listening: one line, at once
+    captions = CaptionsFile(out)  # locked from here on, by the file's inode
     try:
-        return _caption_ray(args, out, paths) if args.ray is not None else _caption(args, out, paths)
+        paths = []
+        for p in listing.paths:
+            if captions.same_file(p):  # e.g. `caption dir/* --out dir/c.jsonl`, run a second time
+                listing.skipped.append(f"{p} (it is --out itself)")
+            elif in_shard(p, shard):
+                paths.append(p)
+        for line in listing.skipped:
+            print(f"edgecm: skipped {line}", file=sys.stderr)
+        todo = still_to_caption(captions, paths, args.retry_errors, len(listing.skipped))
+        if not todo:
+            return 0
+        run = _caption_ray if args.ray is not None else _caption
+        return run(args, captions, todo)
     finally:
-        lock.release()
+        captions.close()
 
 
-def still_to_caption(out: Path, paths: list[Path]) -> list[Path]:
-    """The paths ``out`` does not hold yet (after recovering it), said on stderr."""
-    done = recover(out)
+def still_to_caption(captions: CaptionsFile, paths: list[Path], retry_errors: bool, skipped: int = 0) -> list[Path]:
+    """The paths ``captions`` does not hold yet (with ``retry_errors``, or holds as errors), said on stderr."""
+    done = captions.contents.done(retry_errors)
     todo = [p for p in paths if str(p) not in done]
-    print(f"edgecm: {plural(len(paths), 'image')}, {len(paths) - len(todo)} already in {out}, {len(todo)} to caption",
-          file=sys.stderr)
+    retried = sum(1 for p in todo if captions.contents.last_is_error.get(str(p)))
+    errors = sum(1 for p in paths if captions.contents.last_is_error.get(str(p)))
+    held = f"{len(paths) - len(todo)} already in {captions.out}"
+    if errors and not retry_errors:
+        held += f" ({errors} of them as error lines: --retry-errors tries them again)"
+    line = f"edgecm: {plural(len(paths), 'image')}, {held}, {len(todo)} to caption"
+    if retried:
+        line += f" ({retried} of them error lines retried)"
+    if skipped:
+        line += f"; {skipped} skipped (above)"
+    print(line, file=sys.stderr)
     return todo
 
 
-def _caption(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
-    """Caption ``paths`` into ``out``, holding its lock."""
+def resume_command(args: argparse.Namespace) -> str:
+    return shlex.join(getattr(args, "command_line", None) or ["edgecm", "caption", "..."])
+
+
+def write_failed(args: argparse.Namespace, captions: CaptionsFile, exc: CaptionsFileError, written: int,
+                 total: int) -> int:
+    """One line for a line that could not be written: what filled up, what is safe, how to resume."""
+    out = captions.out
+    what = (f"the disk holding {out} is full ({exc.reason})" if exc.reason in (os.strerror(errno.ENOSPC),
+            os.strerror(errno.EDQUOT)) else f"{out} cannot be written ({exc.reason})")
+    print(f"edgecm: error: {what} after {written} of {plural(total, 'image')}; the {plural(written, 'line')} written "
+          f"and every line before them are safe, and the file ends in a whole line; make room, then resume with: "
+          f"{resume_command(args)}", file=sys.stderr)
+    return 1
+
+
+def summary(captions: CaptionsFile, written: int, errors: int) -> str:
+    line = f"edgecm: wrote {plural(written, 'line')} to {captions.out} ({plural(errors, 'error')})"
+    held = captions.contents.errors
+    if held:
+        line += (f"; {plural(held, 'image')} in it {'ends' if held == 1 else 'end'} in an error line: run again "
+                 f"with --retry-errors to retry {'it' if held == 1 else 'them'}")
+    return line
+
+
+def _caption(args: argparse.Namespace, captions: CaptionsFile, todo: list[Path]) -> int:
+    """Caption ``todo`` into ``captions``, holding its lock."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -232,9 +240,6 @@ def _caption(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
     from edgecm_cli import load_model
     from runtime.captioning import Captioner
 
-    todo = still_to_caption(out, paths)
-    if not todo:
-        return 0
     loaded = load_model(args)  # a text-only model, or --videos for one without video, is refused before it loads
     # A prompt the model cannot take is refused here, before OUT is touched.
     captioner = Captioner(
@@ -242,7 +247,6 @@ def _caption(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
         sparsity=loaded.sparsity, batch_size=args.batch_size, video_options=VideoOptions(args.fps, args.max_frames),
         folders_are_videos=args.videos,
     )
-    writer = JsonlWriter(out)
     errors = written = 0
     started = time.perf_counter()
     columns = (
@@ -258,45 +262,50 @@ def _caption(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
             task = progress.add_task("caption", total=len(todo), rate=0.0)
             # A batch's lines are written when the batch is done; a kill before that redoes the batch on resume.
             for record in captioner.caption(todo):
+                captions.append(record)
                 errors += "error" in record
-                writer.write(record)
                 written += 1
                 progress.update(task, advance=1, rate=written / (time.perf_counter() - started))
+    except CaptionsFileError as exc:
+        return write_failed(args, captions, exc, written, len(todo))
     except BaseException as exc:
         if not is_interrupt(exc):
             raise
         print(
-            f"edgecm: interrupted after {written} of {plural(len(todo), 'image')}; every finished line is saved in {out}; "
-            f"run the same command again to resume",
+            f"edgecm: interrupted after {written} of {plural(len(todo), 'image')}; every finished line is saved in "
+            f"{captions.out}; run the same command again to resume",
             file=sys.stderr,
         )
         return 130
-    finally:
-        writer.close()
-    print(f"edgecm: wrote {plural(len(todo), 'line')} to {out} ({plural(errors, 'error')})", file=sys.stderr)
+    print(summary(captions, written, errors), file=sys.stderr)
     return 0
 
 
-def _caption_ray(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
-    """Caption ``paths`` into ``out`` on a Ray cluster, holding its lock; the driver alone writes ``out``."""
+def _caption_ray(args: argparse.Namespace, captions: CaptionsFile, todo: list[Path]) -> int:
+    """Caption ``todo`` into ``captions`` on a Ray cluster, holding its lock; the driver alone writes it."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from edgecm.checkpoint import open_checkpoint
-    from edgecm_cli import check_model_takes_inputs, checkpoint_calibration, demo_directory, sparsity_from_flags
+    from edgecm_cli import (
+        check_model_takes_inputs, checkpoint_calibration, demo_directory, refuse_idle_sparsevlm_flags,
+        sparsity_from_flags,
+    )
     from runtime.captioning import AUTO_BATCH_LIMIT
     from runtime.ray_captioning import WorkerSpec, caption_on_ray, connect, placement_for
 
-    todo = still_to_caption(out, paths)
-    if not todo:
-        return 0
     path = Path(args.model) if args.model else demo_directory()
     # What `edgecm caption` refuses before loading, refused here before any worker starts (config.json only).
     checkpoint = open_checkpoint(path)
     check_model_takes_inputs(args, checkpoint, args.model or "demo")
     # The same settings `edgecm caption` would use: the flags over the checkpoint's calibration record.
     sparsity = sparsity_from_flags(args, checkpoint_calibration(checkpoint, args.model or "demo"))
-    ray = connect(None if args.ray == "local" else args.ray)
+    refuse_idle_sparsevlm_flags(args, sparsity)
+    if args.ray == "local":
+        ray = connect(None)
+    else:
+        with bounded_wait(args.ray, args.ray_timeout, cleanup=captions.close):
+            ray = connect(args.ray)
     place = placement_for(ray, args.device, args.workers)
     spec = WorkerSpec(
         model=args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -307,7 +316,6 @@ def _caption_ray(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
     )
     rows = AUTO_BATCH_LIMIT if args.batch_size == "auto" else args.batch_size
     print(f"edgecm: Ray cluster at {ray.get_runtime_context().gcs_address}: {place.describe()}", file=sys.stderr)
-    writer = JsonlWriter(out)
     written = errors = 0
     seen: set[str] = set()
     started = time.perf_counter()
@@ -321,17 +329,17 @@ def _caption_ray(args: argparse.Namespace, out: Path, paths: list[Path]) -> int:
                 if record["path"] in seen:  # a batch Ray retried after losing its actor: written once already
                     continue
                 seen.add(record["path"])
+                captions.append(record)
                 errors += "error" in record
-                writer.write(record)
                 written += 1
                 progress.update(task, advance=1, rate=written / (time.perf_counter() - started), errors=errors)
+    except CaptionsFileError as exc:
+        return write_failed(args, captions, exc, written, len(todo))
     except BaseException as exc:
         if not is_interrupt(exc):
             raise
-        print(f"edgecm: interrupted after {written} of {plural(len(todo), 'image')}; every finished line is saved in {out}; "
-              f"run the same command again to resume", file=sys.stderr)
+        print(f"edgecm: interrupted after {written} of {plural(len(todo), 'image')}; every finished line is saved in "
+              f"{captions.out}; run the same command again to resume", file=sys.stderr)
         return 130
-    finally:
-        writer.close()
-    print(f"edgecm: wrote {plural(written, 'line')} to {out} ({plural(errors, 'error')})", file=sys.stderr)
+    print(summary(captions, written, errors), file=sys.stderr)
     return 0 if written == len(todo) else 1

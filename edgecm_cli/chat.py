@@ -22,7 +22,7 @@ HELP = """commands:
   /image PATH   attach or replace the image (it goes with your next message)
   /video PATH   attach or replace a video: a file or a folder of frames (Qwen2.5-VL; with your next message)
   /stats        the full breakdown of the last answer
-  /reset        forget the conversation (the image stays attached)
+  /reset        forget the conversation and detach the image and the video
   /help         this list
   /quit         leave (Ctrl-D works too); Ctrl-C stops an answer without leaving"""
 
@@ -83,8 +83,11 @@ class Chat:
         if name == "/help":
             self.console.print(HELP)
         elif name == "/reset":
+            # Everything goes: an attachment that keeps failing (a video too long for the context) must not
+            # outlive the conversation it was sent with.
             self.turns, self.image_turn, self.video_turn, self.last = [], None, None, None
-            self.console.print("[dim]conversation cleared[/]")
+            self.image = self.image_path = self.video = self.video_path = None
+            self.console.print("[dim]conversation cleared, image and video detached[/]")
         elif name == "/stats":
             self.print_stats()
         elif name == "/image":
@@ -270,6 +273,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     options = VideoOptions(args.fps, args.max_frames)
     video = read_video(args.video, options) if args.video else None  # a bad folder fails before the model loads
     loaded = load_model(args)  # refuses an --image or --video the model cannot take before loading it
+    if hasattr(sys.stdin, "reconfigure"):
+        # A line that is not UTF-8 then arrives with its bytes escaped, and is refused as text is, instead of
+        # raising inside input() in a locale whose decoding is strict.
+        sys.stdin.reconfigure(errors="surrogateescape")
     chat = Chat(loaded, Console(highlight=False), image, args.image, options)
     chat.video, chat.video_path = video, args.video
     return chat.loop()

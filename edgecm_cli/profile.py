@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 from edgecm.errors import EdgecmError
+from edgecm_cli.streams import StdoutError
 
 FULL = dict(disk=1024 * 2**20, memory=512 * 2**20, transfer=512 * 2**20, matmul=4096)
 QUICK = dict(disk=64 * 2**20, memory=64 * 2**20, transfer=64 * 2**20, matmul=512)
@@ -23,20 +28,34 @@ NOTES = {
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    import psutil
-    import torch
-    from rich.console import Console
-    from rich.progress import Progress
-
-    from runtime import measure
     from runtime.engine import resolve_device
-    from runtime.telemetry import nvml_snapshot
 
     device = resolve_device(args.device)
     sizes = QUICK if args.quick else FULL
     scratch = Path(args.scratch)
     if not scratch.is_dir():
         raise EdgecmError(f"--scratch {scratch}: no such directory; give a directory on the disk that holds your models")
+    if shutil.disk_usage(scratch).free < sizes["disk"]:
+        raise EdgecmError(f"--scratch {scratch}: the disk test writes {sizes['disk'] // 2**20} MiB and the disk "
+                          f"holding it has {shutil.disk_usage(scratch).free // 2**20} MiB free; pass --scratch a "
+                          f"folder on a disk with room")
+    pending = ProfileOut(Path(args.out)) if args.out else None  # checked before a minute of measuring
+    try:
+        return _measure_and_write(args, device, sizes, scratch, pending)
+    finally:
+        if pending is not None:
+            pending.discard()
+
+
+def _measure_and_write(args: argparse.Namespace, device, sizes: dict, scratch: Path, pending) -> int:
+    import psutil
+    import torch
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from runtime import measure
+    from runtime.telemetry import nvml_snapshot
+
     cuda = device.type == "cuda"
     dtypes = [torch.float16, torch.bfloat16] if cuda else [torch.float32, torch.bfloat16]
     if cuda and not torch.cuda.is_bf16_supported():
@@ -50,7 +69,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
         for step in steps:
             progress.update(task, description=step)
             if step == "disk read":
-                results["disk_read_gbs"] = measure.disk_read_gbs(scratch, sizes["disk"])
+                try:
+                    results["disk_read_gbs"] = measure.disk_read_gbs(scratch, sizes["disk"])
+                except OSError as exc:  # the disk filled while writing its test file
+                    raise EdgecmError(f"--scratch {scratch}: cannot write the disk test file ({exc.strerror}); pass "
+                                      f"--scratch a folder on a disk with room") from None
             elif step == "memory copy":
                 results["memory_bandwidth_gbs"] = measure.memory_bandwidth_gbs(device, sizes["memory"])
             elif step.startswith("host->device"):
@@ -95,16 +118,80 @@ def cmd_profile(args: argparse.Namespace) -> int:
         "notes": NOTES,
     }
     text = json.dumps(profile, indent=2)
-    if args.out:
-        out = Path(args.out)
+    unprinted = None
+    try:
+        print(text, flush=True)  # first: a file that cannot be written then loses nothing
+    except StdoutError as exc:
+        if pending is None:
+            raise
+        unprinted = exc  # the file may still take it: written first, then the stdout failure is said
+    if pending is not None:
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(text + "\n")
+            pending.commit(text + "\n")
         except OSError as exc:
-            raise EdgecmError(f"{out}: cannot write the profile ({exc.strerror}); pass --out a writable path") from None
-        console.print(f"wrote {out}")
-    print(text)
+            where = "it is printed above, on stdout: save it from there" if unprinted is None else "nor on stdout"
+            print(f"edgecm: error: --out {pending.out}: cannot write the profile ({exc.strerror}); {where}, or run "
+                  f"again with --out on a disk with room", file=sys.stderr)
+            return 1
+        console.print(f"wrote {pending.out}")
+    if unprinted is not None:
+        raise unprinted
     return 0
+
+
+class ProfileOut:
+    """Where --out goes, made ready before measuring: its folder exists (at most that last folder is made),
+    and a temporary file beside it is open, so writability is known at once. The profile then replaces
+    the target in one rename (through a symlink, the file it names), never half-written."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        target = Path(os.path.realpath(out))
+        if target.exists() and not target.is_file():
+            # A rename onto a device or a folder would replace it (as root, /dev/null itself).
+            raise EdgecmError(f"--out {out}: not a regular file; pass a path for the profile (.json)")
+        folder = target.parent
+        if not folder.exists():
+            if not folder.parent.is_dir():
+                raise EdgecmError(f"--out {out}: neither {folder} nor {folder.parent} exists; profile makes at most "
+                                  f"the last folder, so create the ones above it first")
+            try:
+                folder.mkdir()
+            except OSError as exc:
+                raise EdgecmError(f"--out {out}: cannot make {folder} ({exc.strerror}); pass a writable path") from None
+            print(f"edgecm: made the folder {folder}", file=sys.stderr)
+        elif not folder.is_dir():
+            raise EdgecmError(f"--out {out}: {folder} is not a folder; pass a writable path")
+        try:
+            self.fd, self.temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+        except OSError as exc:
+            raise EdgecmError(f"--out {out}: cannot write in {folder} ({exc.strerror}); pass a writable path") from None
+        self.target = target
+
+    def commit(self, text: str) -> None:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.fchmod(self.fd, 0o666 & ~mask)  # mkstemp's 0600 would hide the profile from other users
+        data = memoryview(text.encode())
+        while data:
+            data = data[os.write(self.fd, data):]
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        os.replace(self.temporary, self.target)
+        self.temporary = None
+
+    def discard(self) -> None:
+        """Remove the temporary file, if the profile was not written (an error, Ctrl-C)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.temporary is not None:
+            try:
+                os.unlink(self.temporary)
+            except OSError:
+                pass
+            self.temporary = None
 
 
 def _matmul_or_none(measure, device, dtype, n: int) -> float | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -83,3 +84,18 @@ def default_sigint() -> None:
     """preexec_fn for programs a test interrupts: Ctrl-C must reach them even when the test run itself was
     started with SIGINT ignored (a background job, nohup), which children would otherwise inherit."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real filesystem of 64 KiB (a tmpfs), unmounted afterwards; skipped where mounting is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root and mount rights): {made.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)

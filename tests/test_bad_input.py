@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import default_sigint
-from tiny import write_test_image
+from tiny import write_test_image, write_test_video
 
 TINY = dict(gqa=True, tied=False, layout="v5", sharded=False, chat_template=True)
 
@@ -29,10 +30,21 @@ def edgecm(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.startswith("edgecm: error") or "Traceback" in line]
+    # "edgecm: error: ..." from a command, "edgecm COMMAND: error: ..." from argument parsing
+    lines = [line for line in stderr.splitlines() if re.match(r"edgecm( \w+)?: error", line) or "Traceback" in line]
     assert "Traceback" not in stderr, stderr
     assert len(lines) == 1, stderr
     return lines[0]
+
+
+def wait_for_holder(out: Path, pid: int, timeout: float = 120) -> None:
+    """Until process ``pid`` holds the lock on ``out`` (the file itself)."""
+    from edgecm_cli.captions_file import holder_of
+
+    deadline = time.time() + timeout
+    while holder_of(out) != pid:
+        assert time.time() < deadline, f"pid {pid} never locked {out}"
+        time.sleep(0.1)
 
 
 @pytest.fixture()
@@ -80,10 +92,7 @@ def test_a_second_caption_process_on_the_same_out_is_refused_and_nothing_doubles
     args = [sys.executable, "-m", "edgecm_cli", "caption", str(images), "--model", str(model_dir), "--out", str(out),
             "--max-new-tokens", "300", "--batch-size", "1"]
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lock = out.with_name(out.name + ".lock")
-    deadline = time.time() + 120
-    while not (lock.exists() and lock.read_text().strip() == str(first.pid)) and time.time() < deadline:
-        time.sleep(0.1)
+    wait_for_holder(out, first.pid)
     second = edgecm("caption", str(images), "--model", str(model_dir), "--out", str(out))
     assert second.returncode == 2
     assert f"pid {first.pid}" in one_error_line(second.stderr)
@@ -98,13 +107,9 @@ def test_a_lock_left_by_a_killed_run_does_not_block_the_next(build_llava, images
     args = [sys.executable, "-m", "edgecm_cli", "caption", str(images), "--model", str(model_dir), "--out", str(out),
             "--max-new-tokens", "24"]
     victim = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    lock = out.with_name(out.name + ".lock")
-    deadline = time.time() + 120
-    while not (lock.exists() and lock.read_text().strip() == str(victim.pid)) and time.time() < deadline:
-        time.sleep(0.1)
+    wait_for_holder(out, victim.pid)
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
-    assert lock.exists()
     again = edgecm("caption", str(images), "--model", str(model_dir), "--out", str(out), "--max-new-tokens", "2")
     assert again.returncode == 0, again.stderr
     assert len(out.read_text().splitlines()) == 3
@@ -142,7 +147,7 @@ def test_caption_out_naming_a_folder_is_refused(images, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--temperature", "-1"], "--temperature -1.0: must be 0"),
-    (["--temperature", "nan"], "--temperature nan: must be 0"),
+    (["--temperature", "nan"], "argument --temperature: nan: use a finite number, not inf or nan"),
     (["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
     (["--top-p", "1.5"], "--top-p 1.5: must be in (0, 1]"),
     (["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
@@ -313,3 +318,111 @@ def test_an_error_raised_in_place_of_ctrl_c_still_reads_as_ctrl_c():
         assert is_interrupt(caught.value)
     with noting_interrupts():  # each command starts afresh
         assert not is_interrupt(ValueError("a real bug"))
+
+
+def float_flags() -> list[tuple[str, str]]:
+    """(command, flag) for every float flag of every command, read off the registry itself."""
+    import edgecm_cli
+
+    registry = edgecm_cli._flag_registry()
+    found = []
+    for command, (_, _, names, _, _) in edgecm_cli._commands().items():
+        for name in names:
+            spellings, options = registry[name]
+            if options.get("type") is float:
+                found.append((command, spellings[0]))
+    return found
+
+
+REQUIRED = {"run": ["-q", "hi"], "caption": ["x.png", "--out", "x.jsonl"], "show": ["-q", "hi", "--out", "x.png"],
+            "plan": ["--budget", "1GiB"]}
+
+
+def test_every_float_flag_refuses_inf_and_nan(capsys):
+    """One rule for all of them: inf and nan pass range checks such as > 0, and overflow where they are used."""
+    import edgecm_cli
+
+    flags = float_flags()
+    assert {"--fps", "--rank-scale", "--rho", "--beta", "--temperature", "--top-p", "--target"} <= {f for _, f in flags}
+    for command, flag in flags:
+        for value in ("inf", "-inf", "nan", "1e999"):
+            with pytest.raises(SystemExit) as ended:
+                edgecm_cli.main([command, *REQUIRED.get(command, []), f"{flag}={value}"])
+            err = capsys.readouterr().err
+            assert ended.value.code == 2, (command, flag, value)
+            assert f"argument {flag}: {value}: use a finite number, not inf or nan" in err and err.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def video_file(frames_dir, tmp_path_factory) -> Path:
+    return write_test_video(tmp_path_factory.mktemp("clip") / "clip.mkv", frames_dir)
+
+
+@pytest.mark.parametrize("command", ["run", "caption"])
+def test_fps_inf_is_refused_before_any_work(build_qwen2_5_vl, video_file, image_path, tmp_path, command):
+    model_dir, _ = build_qwen2_5_vl()
+    out = tmp_path / "c.jsonl"
+    args = (["run", "--video", str(video_file), "-q", "hi"] if command == "run"
+            else ["caption", str(video_file), str(image_path), "--out", str(out)])
+    done = edgecm(*args, "--model", str(model_dir), "--fps", "inf")
+    assert done.returncode == 2 and "--fps: inf: use a finite number" in one_error_line(done.stderr)
+    assert not out.exists()
+
+
+def test_a_video_that_cannot_be_read_at_its_options_costs_only_its_own_line(build_qwen2_5_vl, video_file,
+                                                                           image_path):
+    """The library's own check: VideoOptions(fps=inf) from Python makes the video an error record, and the
+    image beside it is still captioned (the run used to stop at an OverflowError)."""
+    from edgecm.checkpoint import open_checkpoint
+    from edgecm.prompt import PromptBuilder
+    from edgecm.video import VideoOptions
+    from runtime.captioning import Captioner
+    from runtime.engine import Engine, GenerationSettings
+
+    model_dir, _ = build_qwen2_5_vl()
+    checkpoint = open_checkpoint(model_dir)
+    captioner = Captioner(Engine(checkpoint), PromptBuilder(checkpoint), "tiny",
+                          generation=GenerationSettings(max_new_tokens=2), video_options=VideoOptions(fps=float("inf")))
+    records = {Path(r["path"]).name: r for r in captioner.caption([video_file, image_path])}
+    assert "fps inf: must be a finite number above 0" in records["clip.mkv"]["error"]
+    assert "caption" in records[image_path.name]
+
+
+def test_a_huge_finite_fps_takes_every_frame_instead_of_overflowing(build_qwen2_5_vl, video_file):
+    model_dir, _ = build_qwen2_5_vl()
+    done = edgecm("run", "--model", str(model_dir), "--video", str(video_file), "-q", "hi", "--fps", "1e308",
+                  "--max-new-tokens", "2")
+    assert done.returncode == 0, done.stderr
+    assert "kept" in done.stderr and "/24 image" in done.stderr  # the clip's 4 frames: 24 tokens
+
+
+@pytest.mark.parametrize("scale", ["inf", "1e308", "1e-300"])
+def test_rank_scale_extremes(build_llava, image_path, scale):
+    """inf is refused; a huge finite scale keeps every token it may, a tiny one the fewest, neither overflows."""
+    model_dir, _ = build_llava(**TINY)
+    done = edgecm("run", "--model", str(model_dir), "--image", str(image_path), "-q", "hi", "--token-rank",
+                  "sparsevlm", "--rank-scale", scale, "--max-new-tokens", "2")
+    if scale == "inf":
+        assert done.returncode == 2 and "--rank-scale: inf: use a finite number" in one_error_line(done.stderr)
+    else:
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_negative_dense_layer_is_refused(tmp_path):
+    done = edgecm("run", "--model", str(tmp_path / "never-opened"), "-q", "hi", "--dense-layers=-1")
+    assert done.returncode == 2
+    assert "--dense-layers -1: layer -1 does not exist; layers are numbered from 0" in one_error_line(done.stderr)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sparsevlm-k", "2"], "--sparsevlm-k applies to --token-rank sparsevlm only, and the ranking here is core "
+                             "(the default or the calibration)"),
+    (["--no-recycle", "--token-rank", "fastv"], "--no-recycle applies to --token-rank sparsevlm only, and the ranking "
+                                                "here is fastv (--token-rank)"),
+    (["--rank-scale", "9"], "--rank-scale applies to --token-rank sparsevlm only"),
+])
+def test_sparsevlm_flags_under_another_ranking_are_refused_not_ignored(build_llava, flags, message):
+    model_dir, _ = build_llava(**TINY)
+    # --device fails only as the engine is built: this refusal comes before, from config.json alone.
+    done = edgecm("run", "--model", str(model_dir), "-q", "hi", "--device", "not-a-device", *flags)
+    assert done.returncode == 2 and message in one_error_line(done.stderr)

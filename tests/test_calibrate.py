@@ -166,3 +166,37 @@ def test_an_interrupted_calibration_leaves_the_previous_file_byte_for_byte(model
     assert proc.wait(timeout=120) == 130, rest
     assert path.read_bytes() == before
     assert not list(model.glob(".edgecm-calibration.json.*")), "no temporary file is left behind"
+
+
+def calibrate_process(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgecm_cli", "calibrate", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+PNG = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x10"
+
+
+@pytest.mark.parametrize("flag, content, needle", [
+    ("--prompts", PNG, "a binary file, not text (it holds NUL bytes); pass --prompts a JSONL file"),
+    ("--prompts", b"caf\xe9 au lait?\n", "prompts.txt:1: not UTF-8 text (byte 0xe9)"),
+    ("--prompts", b'{"prompt": "Hi?"}\n{"prompt": 5}\n', "prompts.txt:2: 'prompt' must be a non-empty text, not 5"),
+    ("--prompts", b'{"prompt": ""}\n', "prompts.txt:1: 'prompt' must be a non-empty text, not \"\""),
+    ("--prompts", b'Plain question?\n["What is shown?", "a.png"]\n', "prompts.txt:2: a JSON list, not an object"),
+    ("--set", PNG, "a binary file, not text (it holds NUL bytes); pass --set a JSONL file"),
+    ("--set", b'{"image": "a.png", "question": "Hi?"}\n\xff\xfe\n', "prompts.txt:2: not UTF-8 text (byte 0xff)"),
+])
+def test_prompt_and_set_files_that_are_not_text_or_not_prompts(tmp_path, flag, content, needle):
+    """Refused with the line at fault before the model is opened (it is never found here)."""
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(content)
+    done = calibrate_process("--model", str(tmp_path / "never-opened"), flag, str(path))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and needle in done.stderr, done.stderr
+
+
+def test_a_prompt_file_with_a_byte_order_mark_reads_its_first_line_as_json(tmp_path):
+    from edgecm.fidelity import load_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "First?"}\n[INST] a bracket that is not JSON\n"quoted" text\n')
+    assert load_prompts(path) == ["First?", "[INST] a bracket that is not JSON", '"quoted" text']

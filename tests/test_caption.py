@@ -15,7 +15,8 @@ import pytest
 
 import edgecm_cli
 from edgecm.errors import EdgecmError
-from edgecm_cli.caption import expand_inputs, in_shard, parse_shard, recover
+from edgecm_cli.caption import expand_inputs, in_shard, parse_shard
+from edgecm_cli.captions_file import CaptionsFile
 from conftest import default_sigint
 from tiny import write_test_image
 
@@ -49,7 +50,7 @@ def test_expand_inputs_folders_lists_and_duplicates(corpus, tmp_path):
     root, good = corpus
     listing = tmp_path / "list.txt"
     listing.write_text("# a comment\ncorpus/one.png\n\n" + str(good[1]) + "\n")
-    paths = expand_inputs([str(root), str(listing), str(good[0])])
+    paths = expand_inputs([str(root), str(listing), str(good[0])]).paths
     assert len(paths) == 6  # 3 good + 3 bad image-suffixed files, each once; readme.md ignored
     assert all(p.is_absolute() for p in paths)
     with pytest.raises(EdgecmError, match="no such file or folder"):
@@ -58,7 +59,7 @@ def test_expand_inputs_folders_lists_and_duplicates(corpus, tmp_path):
 
 def test_shards_partition_the_corpus(corpus):
     root, _ = corpus
-    paths = expand_inputs([str(root)])
+    paths = expand_inputs([str(root)]).paths
     shards = [[p for p in paths if in_shard(p, (i, 3))] for i in range(3)]
     assert sorted(sum(shards, [])) == sorted(paths)
     assert sum(len(s) for s in shards) == len(paths)
@@ -71,11 +72,14 @@ def test_shards_partition_the_corpus(corpus):
 def test_recover_cuts_a_torn_line_and_keeps_the_rest(tmp_path):
     out = tmp_path / "c.jsonl"
     out.write_text(json.dumps({"path": "/a", "caption": "x"}) + "\n" + json.dumps({"path": "/b", "error": "bad"}) + "\n" + '{"path": "/c", "capt')
-    assert recover(out) == {"/a", "/b"}
+    captions = CaptionsFile(out)
+    assert captions.contents.done(retry_errors=False) == {"/a", "/b"}
+    assert captions.contents.done(retry_errors=True) == {"/a"} and captions.contents.errors == 1
+    captions.close()
     assert out.read_text().endswith("\n") and len(out.read_text().splitlines()) == 2
     out.write_text("garbage line\n")
     with pytest.raises(EdgecmError, match="not a caption line"):
-        recover(out)
+        CaptionsFile(out)
 
 
 def read_lines(out):

@@ -117,3 +117,33 @@ def test_piped_chat_starts_each_prompt_on_its_own_line(build_llava):
     assert all(out[i - 1] == "\n" for i in range(len(out)) if out.startswith(PROMPT, i)), out
     assert f"{PROMPT} What is shown?\n" in out and f"{PROMPT} /help\ncommands:" in out and f"{PROMPT} And now?\n" in out
     assert "╯\n" in out and "╯" + PROMPT not in out
+
+
+def test_reset_detaches_a_video_that_no_message_can_pass(build_qwen2_5_vl, tmp_path):
+    """A video too long for the tiny model's context makes every message fail; /reset must clear it (it used
+    to keep the attachments, so the chat stayed stuck)."""
+    from tiny import write_test_frames
+
+    model_dir, _ = build_qwen2_5_vl()
+    long_video = write_test_frames(tmp_path / "long", count=96)  # 48 temporal patches x 12 tokens: past 512
+    child = spawn(["--model", str(model_dir), "--max-new-tokens", "4"])
+    child.sendline(f"/video {long_video}")
+    child.expect("video attached")
+    child.expect(PROMPT)
+    child.sendline("What happens?")
+    child.expect("context")
+    child.expect(PROMPT)
+    child.sendline("And now?")  # still attached: still refused
+    child.expect("context")
+    child.expect(PROMPT)
+    child.sendline("/reset")
+    child.expect("image and video detached")
+    child.expect(PROMPT)
+    child.sendline("What happens?")
+    child.expect("last turn")
+    child.expect(PROMPT)
+    assert "video:" not in child.before  # the panel's title no longer names a video
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

@@ -204,7 +204,7 @@ def test_run_command_with_pixel_limits(build_qwen2_5_vl, wide_image_path, capsys
     assert json.loads(capsys.readouterr().out)["image_tokens"] <= 8
     assert edgecm_cli.main(base + ["--min-pixels", "5000", "--max-pixels", "4000"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "min_pixels" in err
+    assert err.count("\n") == 1 and "--min-pixels 5000 is above --max-pixels 4000" in err
 
 
 @pytest.mark.parametrize("shape, layers, kv_per_token, tied", [
@@ -268,3 +268,66 @@ def test_planner_resize_rule_is_the_processors(height, width, max_pixels):
     from edgecm.families.qwen2_5_vl import smart_resize
 
     assert smart_resize(height, width, 28, 3136, max_pixels) == reference(height, width, 28, 3136, max_pixels)
+
+
+def pixel_run(model_dir, image, *flags) -> "subprocess.CompletedProcess":
+    """`edgecm run` under an 8 GB address-space limit: a resize that allocated first would die, not refuse."""
+    import shlex
+    import subprocess
+    import sys
+
+    command = shlex.join([sys.executable, "-m", "edgecm_cli", "run", "--model", str(model_dir), "--image", str(image),
+                          "-q", QUESTION, "--max-new-tokens", "2", *flags])
+    return subprocess.run(["bash", "-c", f"ulimit -v 8000000; {command}"], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_min_pixels_past_the_largest_image_is_refused_before_the_model_opens(image_path, tmp_path):
+    done = pixel_run(tmp_path / "never-opened", image_path, "--min-pixels", "4000000000", "--max-pixels",
+                     "99999999999")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == ("edgecm: error: --min-pixels 4,000,000,000: every image would be scaled up to at "
+                                   "least that, past the 64,000,000 pixels edgecm takes in one image; use at most "
+                                   "64000000")
+
+
+def test_an_upscale_past_the_context_is_refused_with_its_numbers(build_qwen2_5_vl, image_path):
+    model_dir, _ = build_qwen2_5_vl(**MODELS["published-untied"])
+    done = pixel_run(model_dir, image_path, "--min-pixels", "60000000", "--max-pixels", "99999999999")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert ("a 48x48 image would be resized to 7760x7760 (60,217,600 pixels, 235,225 image tokens), past the "
+            "model's context of 512 tokens") in done.stderr
+
+
+def test_an_upscale_past_the_largest_image_is_refused_before_it_is_made(build_qwen2_5_vl, tmp_path):
+    """With a context long enough to take it, the 64-megapixel bound is what refuses the upscaled size."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    model_dir, _ = build_qwen2_5_vl(**MODELS["published-untied"])
+    long_context = tmp_path / "long-context"
+    shutil.copytree(model_dir, long_context)
+    config = json.loads((long_context / "config.json").read_text())
+    config["max_position_embeddings"] = 10**9
+    (long_context / "config.json").write_text(json.dumps(config))
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (9000, 1000), (30, 90, 200)).save(wide)  # 9 megapixels: the file itself is allowed
+    done = pixel_run(long_context, wide, "--min-pixels", "64000000", "--max-pixels", "99999999999")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "a 9000x1000 image would be resized to 24000x2672 (64,128,000 pixels" in done.stderr
+    assert "past the 64,000,000 pixels edgecm takes in one image" in done.stderr
+
+
+def test_a_video_past_the_context_is_refused_and_names_max_frames(build_qwen2_5_vl, frames_dir, tmp_path):
+    import subprocess
+    import sys
+
+    model_dir, _ = build_qwen2_5_vl(**MODELS["published-untied"])
+    done = subprocess.run([sys.executable, "-m", "edgecm_cli", "run", "--model", str(model_dir), "--video",
+                           str(frames_dir), "-q", QUESTION, "--min-pixels", "100000"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "a 64x48 video would be resized to 368x288 (105,984 pixels a frame, 4 frames, 828 video tokens)" in done.stderr
+    assert "or --max-frames" in done.stderr

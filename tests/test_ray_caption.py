@@ -164,3 +164,88 @@ def test_without_ray_installed_the_flag_names_the_install_command(build_llava, i
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.count("\n") == 1 and "pip install 'edgecm[ray]'" in done.stderr
     assert not out.exists()
+
+
+def one_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if line.startswith(("edgecm: error", "edgecm caption: error"))]
+    assert len(errors) == 1, stderr[-2000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ray", "--workers=-2"], "argument --workers: -2: use a whole number of at least 1"),
+    (["--ray", "--workers", "0"], "argument --workers: 0: use a whole number of at least 1"),
+    (["--workers", "2"], "--workers is for captioning on Ray; add --ray"),
+    (["--ray-timeout", "5"], "--ray-timeout is for captioning on Ray; add --ray"),
+    (["--ray=127.0.0.1:99999"], "--ray 127.0.0.1:99999: port 99999 is not a TCP port (1 to 65535)"),
+    (["--ray=127.0.0.1"], "--ray '127.0.0.1': give auto, HOST:PORT"),
+    (["--ray="], "--ray '': give auto, HOST:PORT"),
+    (["--ray=http://127.0.0.1:8265"], "a web address (the dashboard's?), not the cluster's"),
+    (["--ray=127.0.0.1:1"], "--ray 127.0.0.1:1: cannot connect (Connection refused); no Ray cluster listens there"),
+    (["--ray=127.0.0.1:6379", "--ray-timeout", "0"], "--ray-timeout 0: must be more than 0 seconds"),
+])
+def test_ray_flags_are_checked_before_ray_starts(images, tmp_path, flags, message):
+    out = tmp_path / "captions.jsonl"
+    started = time.perf_counter()
+    done = caption(tmp_path / "never-opened", [images], out, *flags, timeout=60)
+    assert done.returncode == 2 and message in one_line(done.stderr)
+    assert time.perf_counter() - started < 30 and not out.exists()
+
+
+@pytest.fixture()
+def not_ray():
+    """A TCP port on 127.0.0.1 that accepts connections and never answers: something that is not Ray."""
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held = []
+
+    def accept():
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+
+
+def test_an_address_where_no_ray_answers_ends_within_the_timeout(build_llava, images, tmp_path, not_ray):
+    model_dir, _ = build_llava(**TINY)
+    out = tmp_path / "captions.jsonl"
+    started = time.perf_counter()
+    done = caption(model_dir, [images], out, "--ray", not_ray, "--ray-timeout", "3", timeout=60)
+    assert done.returncode == 2
+    assert f"--ray {not_ray}: no Ray cluster answered within 3 s" in one_line(done.stderr)
+    assert done.stderr.strip().splitlines()[-1].startswith("edgecm: error")  # Ray's own warnings come before it
+    assert time.perf_counter() - started < 30 and not out.exists()
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_while_joining_a_cluster_ends_at_once(build_llava, images, tmp_path, not_ray, sig, code):
+    """Ray's connect blocks in C++ for tens of seconds between retries, where no Python handler runs."""
+    model_dir, _ = build_llava(**TINY)
+    out, log = tmp_path / "captions.jsonl", tmp_path / "stderr.txt"
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "edgecm_cli", "caption", str(images), "--out", str(out),
+                                 "--model", str(model_dir), "--ray", not_ray, "--ray-timeout", "60"],
+                                stdout=subprocess.DEVNULL, stderr=err, env=ENV, preexec_fn=default_sigint)
+    deadline = time.time() + 60
+    while "to caption" not in log.read_text():  # the last line before it joins the cluster
+        assert time.time() < deadline and proc.poll() is None, log.read_text()
+        time.sleep(0.1)
+    time.sleep(3)  # inside Ray's connect by now
+    proc.send_signal(sig)
+    sent = time.perf_counter()
+    assert proc.wait(timeout=30) == code, log.read_text()[-2000:]
+    assert time.perf_counter() - sent < 5
+    assert "Traceback" not in log.read_text() and not out.exists()

@@ -96,6 +96,15 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
+def check_min_pixels(min_pixels: int | None, label: str = "min_pixels") -> None:
+    """Every image is scaled up to at least min_pixels: one above the largest input taken is refused."""
+    from edgecm.vision import MAX_IMAGE_PIXELS
+
+    if min_pixels is not None and min_pixels > MAX_IMAGE_PIXELS:
+        raise EdgecmError(f"{label} {min_pixels:,}: every image would be scaled up to at least that, past the "
+                          f"{MAX_IMAGE_PIXELS:,} pixels edgecm takes in one image; use at most {MAX_IMAGE_PIXELS}")
+
+
 def tower_params(tower: dict[str, Any]) -> int:
     """Parameters of the vision tower: patch embedding, blocks, patch merger."""
     h, i = int(tower["hidden_size"]), int(tower["intermediate_size"])
@@ -162,6 +171,9 @@ class QwenProcessor:
         self.video_token_id = config.vision.video_token_id
         self.video_token = None if self.video_token_id is None else self.tokenizer.convert_ids_to_tokens(self.video_token_id)
         self.video_pixels = _video_pixel_limits(directory, self.image_processor, min_pixels, max_pixels)
+        size = self.image_processor.size
+        self.image_pixels = (int(size.shortest_edge), int(size.longest_edge))
+        self.context = config.text.max_position_embeddings
         template = None
         # Published checkpoints keep the template beside the processor (chat_template.json), 5.x as a .jinja file.
         if (directory / "chat_template.json").is_file():
@@ -173,6 +185,27 @@ class QwenProcessor:
     @property
     def merge_size(self) -> int:
         return int(self.image_processor.merge_size)
+
+    def resized(self, width: int, height: int, limits: tuple[int, int], frames: int = 1, kind: str = "image"):
+        """(height, width) an input is resized to, refused before any pixel is allocated when that size
+        passes MAX_IMAGE_PIXELS or its tokens the model's context: a min_pixels far above the input scales
+        a small image up until memory runs out, past the input-size check made on the file."""
+        from edgecm.vision import MAX_IMAGE_PIXELS
+
+        factor = int(self.image_processor.patch_size) * self.merge_size
+        h, w = smart_resize(height, width, factor, *limits)
+        temporal = -(-frames // int(self.image_processor.temporal_patch_size)) if kind == "video" else 1
+        tokens = temporal * (h // factor) * (w // factor)
+        if h * w > MAX_IMAGE_PIXELS or tokens > self.context:
+            past = (f"the {MAX_IMAGE_PIXELS:,} pixels edgecm takes in one image" if h * w > MAX_IMAGE_PIXELS
+                    else f"the model's context of {self.context:,} tokens")
+            raise EdgecmError(
+                f"a {width}x{height} {kind} would be resized to {w}x{h} ({h * w:,} pixels"
+                f"{f' a frame, {frames} frames' if kind == 'video' else ''}, {tokens:,} {kind} tokens), past {past}; "
+                f"lower min_pixels ({limits[0]:,}, --min-pixels) or max_pixels ({limits[1]:,}, --max-pixels)"
+                f"{', or --max-frames' if kind == 'video' else ''}"
+            )
+        return h, w
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = False) -> str:
         return self.tokenizer.apply_chat_template(
@@ -187,6 +220,8 @@ class QwenProcessor:
         out: dict = {}
         if images is not None:
             images = list(images) if isinstance(images, (list, tuple)) else [images]
+            for image in images:
+                self.resized(image.width, image.height, self.image_pixels)
             pixels = self.image_processor(images=images, return_tensors="pt")
             out.update(pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
             text = self._expand(text, self.image_token, pixels["image_grid_thw"], "image")
@@ -212,9 +247,8 @@ class QwenProcessor:
         from edgecm.video import frames_to_patches
 
         ip = self.image_processor
-        factor = int(ip.patch_size) * self.merge_size
         width, height = video.frames[0].size
-        size = smart_resize(height, width, factor, *self.video_pixels)
+        size = self.resized(width, height, self.video_pixels, len(video.frames), "video")
         temporal = int(ip.temporal_patch_size)
         patches, grid = frames_to_patches(
             list(video.frames), size, ip.image_mean, ip.image_std, int(ip.patch_size), self.merge_size, temporal
@@ -357,6 +391,7 @@ class Qwen2_5_VLFamily(Family):
                 raise EdgecmError(f"{label} {value}: must be a positive number of pixels")
         if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
             raise EdgecmError(f"min_pixels {min_pixels} is above max_pixels {max_pixels}; lower it or raise max_pixels")
+        check_min_pixels(min_pixels)
         return QwenProcessor(directory, config, min_pixels, max_pixels)
 
     # -- prompts and positions ----------------------------------------------------------------
