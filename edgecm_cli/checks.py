@@ -45,12 +45,9 @@ def batch_size_flag(text: str) -> int | str:
     if text == "auto":
         return text
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: use a whole number of at least 1, or auto")
-    return value
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text}: use a whole number of at least 1, or auto") from None
 
 
 def positive_int(text: str) -> int:

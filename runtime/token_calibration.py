@@ -147,7 +147,7 @@ class DenseRecord:
 def record_dense(engine, prompt, grid: tuple[int, ...]) -> DenseRecord:
     """The dense prefill of ``prompt``, keeping what a candidate at any K of ``grid`` starts from."""
     hidden = engine.embed(prompt)
-    rows, pruner = engine.start_sequence(hidden[0], prompt, DENSE)
+    rows, _ = engine.start_sequence(hidden[0], prompt, DENSE)
     start = replace(rows, hidden=rows.hidden.clone())
     # Every row is present up to the first pruning, so a sequence index is its row (core-ref's r, as the
     # pruner takes it: the last prompt token where the prompt names none).
