@@ -299,7 +299,10 @@ def _caption_ray(args: argparse.Namespace, captions: CaptionsFile, todo: list[Pa
     checkpoint = open_checkpoint(path)
     check_model_takes_inputs(args, checkpoint, args.model or "demo")
     # The same settings `edgecm caption` would use: the flags over the checkpoint's calibration record.
-    sparsity = sparsity_from_flags(args, checkpoint_calibration(checkpoint, args.model or "demo"))
+    calibration = checkpoint_calibration(checkpoint, args.model or "demo")
+    sparsity = sparsity_from_flags(args, calibration)
+    if calibration is not None and sparsity.mode != "dense":  # the line every other command prints
+        print(f"edgecm: {calibration.describe()}; flags override it", file=sys.stderr)
     refuse_idle_sparsevlm_flags(args, sparsity)
     if args.ray == "local":
         ray = connect(None)

@@ -97,6 +97,25 @@ def test_a_folder_with_one_question(model, image_set, capsys):
     assert {c["k"] for c in record["token_candidates"]} == {2}
 
 
+def test_when_no_token_setting_meets_the_target_every_token_is_kept(model, image_set, capsys):
+    """A target no pruned candidate can meet (agreement 1.0 on a random model) keeps token pruning off, says so,
+    and run then prunes no image token."""
+    code, out, err = run_cli(capsys, "calibrate", "--model", str(model), "--set", str(image_set / "set.jsonl"),
+                             "--max-new-tokens", "6", "--target", "1.0", "--prune-layers", "1",
+                             "--token-ranks", "fastv")
+    assert code == 0, err
+    record = json.loads((model / "edgecm-calibration.json").read_text())
+    pruned = [c for c in record["token_candidates"] if not c["reference"]]
+    assert pruned and all(c["top1_agreement"] < 1.0 for c in pruned)
+    assert record["token_choice"] is None and record["tokens"] == {"tokens": "all"}
+    assert "no token pruning reached agreement 1.0" in err and "every image token is kept" in err
+    code, out, err = run_cli(capsys, "run", "--model", str(model), "--image", str(image_set / "a.png"),
+                             "-q", "What is shown?", "--max-new-tokens", "2", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["kept_image_tokens"] == result["image_tokens"] > 0
+
+
 @pytest.mark.parametrize("lines, needle", [
     ("", "the calibration set is empty"),
     ('{"image": "a.png", "question": "Hi?"}\nnot json\n', "set.jsonl:2: not JSON"),

@@ -331,3 +331,15 @@ def test_a_video_past_the_context_is_refused_and_names_max_frames(build_qwen2_5_
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "a 64x48 video would be resized to 368x288 (105,984 pixels a frame, 4 frames, 828 video tokens)" in done.stderr
     assert "or --max-frames" in done.stderr
+
+
+def test_the_chatml_reference_token_is_the_last_im_start(loaded, image_path):
+    """core-ref reads the first token of the assistant's header: in ChatML, its ``<|im_start|>``."""
+    _, builder, _ = loaded("v5-tied")
+    prompt = builder.build(QUESTION, load_image(image_path))
+    ids = prompt.input_ids[0].tolist()
+    start = builder.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert ids[prompt.reference_index] == start
+    assert start not in ids[prompt.reference_index + 1:]  # the last one: the assistant's, not the user's
+    tail = builder.tokenizer.decode(ids[prompt.reference_index:], skip_special_tokens=False)
+    assert tail.strip() == "<|im_start|>assistant"
