@@ -80,13 +80,23 @@ def steps(args) -> list[Step]:
 # -- NVML, read by this process without creating a CUDA context of its own --------------------------
 
 
+def visible_handle(pynvml, visible: str | None = None):
+    """NVML's handle of the card the steps run on: the first of CUDA_VISIBLE_DEVICES (an index or a UUID),
+    as CUDA numbers them, since NVML's own index 0 is the first card of the machine whatever that says."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    first = (visible or "").split(",")[0].strip()
+    if first.startswith(("GPU-", "MIG-")):
+        return pynvml.nvmlDeviceGetHandleByUUID(first)
+    return pynvml.nvmlDeviceGetHandleByIndex(int(first) if first.isdigit() else 0)
+
+
 def nvml_reading() -> dict:
     """The card's memory used (all processes), power and utilisation now; {} without NVML."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        handle = visible_handle(pynvml)
         memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
         reading = {"memory_used_bytes": int(memory.used), "memory_total_bytes": int(memory.total)}
         for key, read in (("power_watts", lambda: pynvml.nvmlDeviceGetPowerUsage(handle) / 1000),
@@ -106,7 +116,7 @@ def nvml_device() -> dict:
         import pynvml
 
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        handle = visible_handle(pynvml)
         text = lambda v: v.decode() if isinstance(v, bytes) else str(v)  # noqa: E731
         return {"name": text(pynvml.nvmlDeviceGetName(handle)),
                 "driver_version": text(pynvml.nvmlSystemGetDriverVersion())}

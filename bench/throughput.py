@@ -71,7 +71,9 @@ def llava_config(kind: str) -> dict:
 
 def random_llava(kind: str, scratch: Path, device: str) -> Path:
     """A LLaVA checkpoint of ``kind``'s shape with random float16 weights, written once into ``scratch``."""
-    return bench_runtime().make_random_vlm(llava_config(kind), scratch / kind, device)
+    # The 7B shape goes where bench/runtime.py and bench/gpu_check.py write it, so one copy serves all three.
+    folder = "llava-1.5-7b" if kind == "llava-7b" else kind
+    return bench_runtime().make_random_vlm(llava_config(kind), scratch / folder, device)
 
 
 def llava_prompts(config: dict, count: int) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -95,3 +95,18 @@ def test_the_report_names_each_step_and_its_nvml_peaks(gpu_check):
     text = gpu_check.markdown(report)
     assert "# GPU check on NVIDIA H200" in text
     assert "| tests | w | passed | 50 (90) | 3.0 | 250 | 18 passed \\| ok |" in text
+
+
+def test_nvml_reads_the_card_cuda_runs_on(gpu_check):
+    """NVML numbers every card of the machine; the steps run on CUDA_VISIBLE_DEVICES' first (index or UUID)."""
+
+    class Handles:  # pynvml's two lookups, answering with what they were asked
+        def nvmlDeviceGetHandleByUUID(self, uuid):
+            return ("uuid", uuid)
+
+        def nvmlDeviceGetHandleByIndex(self, index):
+            return ("index", index)
+
+    assert gpu_check.visible_handle(Handles(), "GPU-5a1b,GPU-77") == ("uuid", "GPU-5a1b")
+    assert gpu_check.visible_handle(Handles(), "3,1") == ("index", 3)
+    assert gpu_check.visible_handle(Handles(), "") == ("index", 0)
