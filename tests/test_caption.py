@@ -129,7 +129,8 @@ def test_shard_runs_cover_the_corpus_once(build_llava, corpus, tmp_path):
         out = tmp_path / f"part{i}.jsonl"
         assert edgecm_cli.main(["caption", str(root), "--out", str(out), "--model", str(model_dir),
                                 "--max-new-tokens", "2", "--shard", f"{i}/2"]) == 0
-        outs.append({r["path"] for r in read_lines(out)})
+        # A shard the hash gives no image writes nothing, and leaves no empty file behind.
+        outs.append({r["path"] for r in read_lines(out)} if out.exists() else set())
     assert not outs[0] & outs[1] and len(outs[0] | outs[1]) == 6
 
 
