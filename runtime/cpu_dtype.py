@@ -20,6 +20,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -133,8 +134,9 @@ def _read_cache(path: Path) -> dict:
         return {}  # absent or damaged: measured again and rewritten
 
 
-def cpu_dtype() -> DtypeChoice:
-    """This CPU's choice: from the cache when this CPU, torch and thread count were measured before."""
+def cpu_dtype(on_measured: Callable[[DtypeChoice], None] | None = None) -> DtypeChoice:
+    """This CPU's choice: from the cache when this CPU, torch and thread count were measured before;
+    ``on_measured`` hears of a choice measured now (the CLI says so, once)."""
     path = cache_path()
     cached = _read_cache(path)
     key = cache_key(cpu_name(), bf16_flags(), torch.get_num_threads(), torch.__version__)
@@ -146,6 +148,8 @@ def cpu_dtype() -> DtypeChoice:
             pass
     choice = measure()
     remember(choice, path)
+    if on_measured is not None:
+        on_measured(choice)
     return choice
 
 

@@ -48,3 +48,16 @@ def test_a_damaged_cache_is_measured_again_and_rewritten(home):
     (home / cpu_dtype.CACHE_FILE).write_text("{ not json")
     choice = cpu_dtype.cpu_dtype()
     assert json.loads((home / cpu_dtype.CACHE_FILE).read_text())[choice.key]["chosen"] == choice.chosen
+
+
+def test_the_cli_says_once_that_it_measured_the_cpu(home, build_llama, capsys):
+    import edgecm_cli
+
+    model_dir, _ = build_llama(gqa=True, tied=True)
+    said = []
+    for _ in range(2):
+        assert edgecm_cli.main(["run", "--model", str(model_dir), "-q", "Hi", "--max-new-tokens", "2"]) == 0
+        said.append([line for line in capsys.readouterr().err.splitlines() if "measured this CPU" in line])
+    assert len(said[0]) == 1 and said[1] == []
+    choice = cpu_dtype.cpu_dtype()
+    assert f"compute dtype: {choice.chosen} (" in said[0][0] and str(home) in said[0][0]
