@@ -197,8 +197,9 @@ def run_edgecm(variant: str, model: str, ids, image: dict | None, args) -> dict:
     budget = args.budget
     if variant.endswith("streamed"):  # the smallest budget the planner accepts: everything streams
         images = int(prompt.image_positions.numel())
-        budget = str(Engine(checkpoint, device=args.device).plan_for(ids.shape[1], images, args.new_tokens, sparsity).min_budget)
-    engine = Engine(checkpoint, device=args.device, budget=budget, quant="nf4" if variant.endswith("nf4") else None)
+        budget = str(Engine(checkpoint, device=args.device, dtype=args.dtype).plan_for(ids.shape[1], images, args.new_tokens, sparsity).min_budget)
+    engine = Engine(checkpoint, device=args.device, budget=budget, quant="nf4" if variant.endswith("nf4") else None,
+                    dtype=args.dtype)
     engine.generate(prompt, GenerationSettings(max_new_tokens=2, stop_at_eos=False), sparsity=sparsity)  # warm-up
     result = engine.generate(prompt, GenerationSettings(max_new_tokens=args.new_tokens, stop_at_eos=False), sparsity=sparsity)
     t, m = result.timings, result.memory
@@ -224,7 +225,7 @@ def run_transformers(variant: str, model: str, ids, image: dict | None, config: 
 
     hf_logging.set_verbosity_error()
     cuda = args.device == "cuda"
-    dtype = torch.float16 if cuda else torch.float32
+    dtype = torch.float16 if cuda else getattr(torch, args.dtype)  # on CPU the dtype edgecm computes in
     kwargs: dict = {"dtype": dtype}
     if variant.endswith("offload"):
         # accelerate places whole modules under max_memory and runs the rest from host memory; its figure covers
@@ -309,6 +310,8 @@ def run_in_process(variant: str, model: Path, config: dict | None, args) -> dict
                "--new-tokens", str(args.new_tokens), "--kept-tokens", str(args.kept_tokens), "--worker", json.dumps(spec)]
     if args.budget:
         command += ["--budget", args.budget]
+    if args.dtype:
+        command += ["--dtype", args.dtype]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
@@ -366,7 +369,7 @@ def add_ratios(rows: list[dict], baseline: str, peak_gbs: float) -> None:
 
 def markdown(report: dict) -> str:
     lines = [f"# Runtime benchmark on {report['device']}", "",
-             f"`{report['command']}`; torch {report['torch']}, {report['threads']} threads, "
+             f"`{report['command']}`; torch {report['torch']}, {report['threads']} threads, {report.get('dtype', 'float32')}, "
              f"{report['new_tokens']} decode tokens, budget {report['budget'] or 'none (device free memory)'}, "
              f"medians of {report['repeats']} interleaved runs (each in a fresh process; every run in the JSON); "
              f"peak memory bandwidth {report['peak_bandwidth_gbs']} GB/s ({report['profile']}). Peak memory is the "
@@ -423,6 +426,8 @@ def main() -> None:
     parser.add_argument("--only", choices=(*VLMS, "smollm2"), help="run one model only")
     parser.add_argument("--variants", help="comma-separated subset of this device's VLM variants (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="CPU compute dtype of both sides (default: the one edgecm measures for this CPU)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -434,6 +439,10 @@ def main() -> None:
     from runtime.budget import detect_profile
     from runtime.planner import load_profile
 
+    if args.device == "cpu" and args.dtype is None:
+        from runtime.cpu_dtype import cpu_dtype
+
+        args.dtype = cpu_dtype().chosen  # resolved once here, so every worker computes in the same dtype
     profile = load_profile(args.profile) if args.profile else detect_profile(torch.device(args.device))
     cuda = args.device == "cuda"
     variants = VLM_VARIANTS[args.device]
@@ -479,7 +488,7 @@ def main() -> None:
     report = {
         "device": name, "profile": profile.name, "peak_bandwidth_gbs": profile.memory_bandwidth_gbs,
         "torch": torch.__version__, "threads": args.threads, "new_tokens": args.new_tokens, "budget": args.budget,
-        "repeats": args.repeats,
+        "repeats": args.repeats, "dtype": args.dtype or "float16",
         "command": "python3 bench/runtime.py " + " ".join(sys.argv[1:]), "models": models,
     }
     slug = re.sub(r"[^a-z0-9]+", "-", (name + (f" {args.only}" if args.only else "")).lower()).strip("-")

@@ -106,7 +106,7 @@ def run_edgecm(model: Path, kind: str, batch: int, args, budget: str | None) -> 
     from runtime.engine import Engine, GenerationSettings
 
     checkpoint = open_checkpoint(model)
-    engine = Engine(checkpoint, device=args.device, budget=budget)
+    engine = Engine(checkpoint, device=args.device, budget=budget, dtype=args.dtype)
     settings = GenerationSettings(max_new_tokens=args.new_tokens, stop_at_eos=False)
     prompts = edgecm_prompts(checkpoint, kind, args.images)
     generate_batch(engine, prompts[:batch], GenerationSettings(max_new_tokens=2, stop_at_eos=False),
@@ -146,7 +146,7 @@ def run_transformers(model: Path, kind: str, batch: int, args) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    dtype = torch.float16 if args.device == "cuda" else torch.float32
+    dtype = torch.float16 if args.device == "cuda" else getattr(torch, args.dtype)  # on CPU: edgecm's dtype
     if kind == "llava-7b":  # 7B in float16 does not fit 12 GiB: accelerate offloads what does not fit
         from runtime.planner import GiB
 
@@ -188,7 +188,8 @@ def run_in_process(spec: dict, args) -> dict:
     import subprocess
 
     command = [sys.executable, __file__, "--device", args.device, "--threads", str(args.threads), "--images",
-               str(args.images), "--new-tokens", str(args.new_tokens), "--worker", json.dumps(spec)]
+               str(args.images), "--new-tokens", str(args.new_tokens), "--worker", json.dumps(spec),
+               *(["--dtype", args.dtype] if args.dtype else [])]
     done = subprocess.run(command, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -221,7 +222,8 @@ def split_cells(row: dict | None, batch_one: dict | None, images: int) -> list[s
 
 def markdown(report: dict) -> str:
     lines = [f"# Captioning throughput on {report['device']}", "",
-             f"`{report['command']}`; torch {report['torch']}, {report['threads']} threads; {report['images']} "
+             f"`{report['command']}`; torch {report['torch']}, {report['threads']} threads, "
+             f"{report.get('dtype', 'float32')}; {report['images']} "
              f"images per batch size, {report['new_tokens']} generated tokens each (EOS ignored), dense, greedy. "
              f"images/s and tokens/s are over the whole run: vision tower, prefill and decode. transformers runs the "
              f"same checkpoint resident with batched `generate` (left padding; one question to images of one size "
@@ -272,11 +274,17 @@ def main() -> int:
     ap.add_argument("--budget", default="12GiB", help="the GPU variant's budget (LLaVA-1.5-7B shape)")
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/edgecm-bench"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"),
+                    help="CPU compute dtype of both sides (default: the one edgecm measures for this CPU)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
         return 0
+    if args.device == "cpu" and args.dtype is None:
+        from runtime.cpu_dtype import cpu_dtype
+
+        args.dtype = cpu_dtype().chosen  # resolved once here, so every worker computes in the same dtype
 
     from edgecm.checkpoint import open_checkpoint
     from edgecm.demo import demo_checkpoint_dir
@@ -299,7 +307,7 @@ def main() -> int:
         model = random_llava("llava-streamed", args.scratch, args.device)
         checkpoint = open_checkpoint(model)
         prompt = edgecm_prompts(checkpoint, "llava-streamed", 1)[0]
-        engine = Engine(checkpoint, device=args.device)
+        engine = Engine(checkpoint, device=args.device, dtype=args.dtype)
         # Each batch size runs under the smallest budget the planner accepts for it, so every one streams.
         budgets = {b: str(engine.plan_for(prompt.num_tokens, int(prompt.image_positions.numel()), args.new_tokens,
                                           DENSE, batch=b).min_budget) for b in batches}
@@ -318,7 +326,8 @@ def main() -> int:
                 rows.append(run_in_process(spec, args))
         models.append({"name": kind, "description": description, "batches": batches, "rows": rows})
     name = bench_runtime().device_name(args.device)  # the same device naming as runtime-*.json
-    report = {"device": name, "torch": torch.__version__, "threads": args.threads, "images": args.images,
+    report = {"device": name, "torch": torch.__version__, "threads": args.threads, "dtype": args.dtype or "float16",
+              "images": args.images,
               "new_tokens": args.new_tokens, "command": "python3 bench/throughput.py " + " ".join(sys.argv[1:]),
               "models": models}
     slug = re.sub(r"[^a-z0-9]+", "-", (name + (f" {args.only}" if args.only else "")).lower()).strip("-")

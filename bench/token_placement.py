@@ -140,7 +140,7 @@ def main() -> int:
     path = demo_checkpoint_dir()
     checkpoint = open_checkpoint(path)
     builder = PromptBuilder(checkpoint)
-    engine = Engine(checkpoint)
+    engine = Engine(checkpoint, dtype="float32")  # the reference below is float32: the scores must match exactly
     reference = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
     ks = [int(k) for k in args.layers.split(",")]
     default = SparsitySettings()

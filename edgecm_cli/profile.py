@@ -21,9 +21,12 @@ QUICK = dict(disk=64 * 2**20, memory=64 * 2**20, transfer=64 * 2**20, matmul=512
 NOTES = {
     "supports_bf16": "the device can compute in bfloat16 (on CPU: a bfloat16 matmul ran here; on CUDA: torch "
                      "reports bfloat16 support). It says nothing of speed: see bfloat16_matmul_speedup",
-    "bfloat16_matmul_speedup": "measured bfloat16 matmul TFLOP/s over the default_dtype's (matmul_tflops); "
-                               "above 1, bfloat16 matmuls are faster here",
-    "default_dtype": "what edgecm computes in on this device unless told otherwise (--dtype)",
+    "bfloat16_matmul_speedup": "measured bfloat16 matmul TFLOP/s over float32's (CPU) or float16's (CUDA) "
+                               "(matmul_tflops); above 1, bfloat16 matmuls are faster here",
+    "default_dtype": "what edgecm computes in on this device unless told otherwise (--dtype); on CPU chosen by "
+                     "dtype_choice",
+    "dtype_choice": "CPU only: the bfloat16 flags found, a timed GEMM and GEMV in float32 and bfloat16, and the "
+                    "dtype chosen from them (bfloat16 only if its GEMM is 1.2x faster and its GEMV no slower)",
 }
 
 
@@ -101,8 +104,17 @@ def _measure_and_write(args: argparse.Namespace, device, sizes: dict, scratch: P
         reserved = psutil.Process().memory_info().rss
         bf16 = "bfloat16" in rates  # it computes in bfloat16 if a bfloat16 matmul ran; faster or not
         int8 = False
-    default_dtype = "float16" if cuda else "float32"
-    speedup = rates["bfloat16"] / rates[default_dtype] if "bfloat16" in rates and rates.get(default_dtype) else None
+    choice = None
+    if cuda:
+        default_dtype = "float16"
+    else:  # the same measurement the engine's default comes from, made afresh and cached for it
+        from runtime import cpu_dtype
+
+        choice = cpu_dtype.measure()
+        cpu_dtype.remember(choice)
+        default_dtype = choice.chosen
+    reference = "float16" if cuda else "float32"
+    speedup = rates["bfloat16"] / rates[reference] if "bfloat16" in rates and rates.get(reference) else None
     profile = {
         "name": name,
         "kind": device.type,
@@ -112,6 +124,7 @@ def _measure_and_write(args: argparse.Namespace, device, sizes: dict, scratch: P
         "bfloat16_matmul_speedup": None if speedup is None else round(speedup, 2),
         "supports_int8": int8,
         "default_dtype": default_dtype,
+        **({} if choice is None else {"dtype_choice": choice.to_json()}),
         "source": f"measured by edgecm profile{' --quick' if args.quick else ''} on "
         f"{datetime.date.today().isoformat()}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads",
         **{k: round(v, 3) if isinstance(v, float) else {d: round(x, 3) for d, x in v.items()} for k, v in results.items()},

@@ -32,6 +32,7 @@ from edgecm.sampling import SamplingSettings, next_token, seeded_generator
 from edgecm.sparsity import SparsitySettings
 from edgecm.token_pruning import TEXT, Rows, TokenPruner
 from runtime.budget import detect_profile, enforce, out_of_memory_message, resolve_budget
+from runtime.cpu_dtype import cpu_dtype
 from runtime.placement import DecodePlacement
 from runtime.planner import Plan, Workload, largest_batch, make_plan, model_sizes
 from runtime.results import GenerationResult, MemoryReport, Telemetry, Timings
@@ -51,13 +52,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str | None, device: torch.device, checkpoint_dtype: str) -> torch.dtype:
-    """float32 on CPU (exact, and fast there); on CUDA the checkpoint's half type, bf16 only where supported."""
+    """``name`` if given; on CPU the measured choice (bfloat16 where this CPU multiplies it faster, else
+    float32: runtime.cpu_dtype); on CUDA the checkpoint's half type, bf16 only where supported."""
     if name:
         if name not in _DTYPES:
             raise EdgecmError(f"--dtype {name}: unknown; use one of {', '.join(_DTYPES)}")
         return _DTYPES[name]
     if device.type == "cpu":
-        return torch.float32
+        return _DTYPES[cpu_dtype().chosen]
     if checkpoint_dtype == "bfloat16" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float16

@@ -5,7 +5,9 @@ Three phases, each with its own peak:
 - prefill: decoder layers stream through two buffers (one computing, one arriving),
   with the full prompt's activations and KV cache;
 - decode: the decode set (attention weights + core-neuron FFN slices of every layer)
-  stays resident if it fits; otherwise the compact slices stream through two buffers.
+  stays resident if it fits; otherwise the compact slices stream through two buffers
+  (from pinned host memory on CUDA; on a CPU host, from a compact file on disk, since
+  host memory there is the budget itself and holds nothing beside it).
 When the whole model fits beside the KV cache, every layer is kept after its first
 use instead, so later prompts (chat turns, a caption batch) read nothing from disk.
 The embedding, final norm and LM head stay resident throughout. A budget below the
@@ -129,6 +131,7 @@ class ModelSizes:
     vocab: int
     image_tokens: int
     vision_activations: int | None = None  # the family's own estimate for its tower, where it states one
+    disk_layer: int = 0  # one layer as the checkpoint stores it (its dtype): what a read maps
 
     @property
     def layer(self) -> int:
@@ -167,6 +170,7 @@ def model_sizes(config: ModelConfig, weight_dtype: str, compute_dtype: str | Non
         vocab=t.vocab_size,
         image_tokens=image_tokens,
         vision_activations=None if vision_activations is None else int(vision_activations),
+        disk_layer=int((attention + ffn) * DTYPE_BYTES.get(t.dtype, 2) + 2 * t.hidden_size * cb),
     )
 
 
@@ -244,10 +248,13 @@ def make_plan(
             tower_activations = activation_bytes(s.image_tokens + 1, s, replace(w, batch=1)) // 2
         # Images go through the tower one at a time, whatever the batch.
         phases["vision"] = {**always, "vision tower + projector": s.vision, "vision activations": tower_activations}
-    phases["prefill"] = {**always, "2 streamed layer buffers": 2 * s.layer, "KV cache (prompt)": prefill_kv,
+    # On a CPU host the pages of the layer being read are the process's too while they are mapped: RSS
+    # counts them, and the budget is host memory (the GPU's budget does not hold them).
+    mapped = {"checkpoint pages of the layer being read": s.disk_layer} if profile.kind == "cpu" else {}
+    phases["prefill"] = {**always, "2 streamed layer buffers": 2 * s.layer, **mapped, "KV cache (prompt)": prefill_kv,
                          "activations": activation_bytes(w.prompt_tokens, s, w)}
-    streamed_decode = {**always, "2 streamed compact-layer buffers": 2 * compact_layer, "KV cache": decode_kv,
-                       "activations": activation_bytes(1, s, w)}
+    streamed_decode = {**always, "2 streamed compact-layer buffers": 2 * compact_layer, **mapped,
+                       "KV cache": decode_kv, "activations": activation_bytes(1, s, w)}
     min_budget = profile.reserved_bytes + max(
         sum(phases["prefill"].values()), sum(streamed_decode.values()), sum(phases.get("vision", {}).values())
     )
@@ -274,7 +281,7 @@ def make_plan(
     phases["decode"] = resident_decode if fits else streamed_decode
     # Everything kept: all layers, plus the core slices decode uses in their place, beside the largest KV cache.
     slices = s.num_layers * int(w.neuron_fraction * r.ffn) if w.neuron_fraction < 1 else 0
-    kept = {**always, "all layers (kept after first use)": s.num_layers * r.layer, "core FFN slices": slices,
+    kept = {**always, "all layers (kept after first use)": s.num_layers * r.layer, "core FFN slices": slices, **mapped,
             "KV cache": w.batch * s.kv_per_token * (w.prompt_tokens + w.new_tokens),
             "activations": activation_bytes(w.prompt_tokens, s, w)}
     if sum(kept.values()) <= usable:

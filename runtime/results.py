@@ -43,7 +43,7 @@ class MemoryReport:
     rss_peak_bytes: int
     kv_cache_bytes: int
     decode_set_bytes: int  # decode weights placed on the device during prefill
-    decode_set_host_bytes: int  # core slices that did not fit: host memory, streamed per token
+    decode_set_host_bytes: int  # core slices that did not fit, streamed per token: pinned host memory on CUDA, a file on CPU
     kept_layer_bytes: int  # whole layers kept after their first use
     decode_layers_on_device: int
     decode_weight_bytes_per_token: int

@@ -9,7 +9,9 @@ thread already fetches the following layer into the other slot:
   device memory it fills from there with a copy on a side CUDA stream, so the
   transfer overlaps the previous layer's kernels;
 - a layer held in (pinned) host memory, such as a compact decode slice that
-  did not fit on the GPU, skips the disk and goes straight to the copy.
+  did not fit on the GPU, skips the disk and goes straight to the copy;
+- on a CPU host, such a slice is a compact file (runtime.spill) read straight
+  into the slot, in the compute dtype already.
 
 Slots are flat buffers reused for every layer and grown only if a layer is
 larger than any before, so streaming allocates nothing per layer. On CPU the
@@ -33,6 +35,7 @@ import torch
 
 from edgecm.checkpoint import Checkpoint
 from edgecm.model import LayerWeights
+from runtime.spill import SpilledLayer
 
 _ALIGN = 64  # elements; keeps every tensor view in a slot aligned for vectorised kernels
 
@@ -117,6 +120,14 @@ class LayerStreamer:
     def _fetch(self, index: int, slot: _Slot, held: LayerWeights | None) -> tuple[dict, dict]:
         started = time.perf_counter()
         record = {}
+        if isinstance(held, SpilledLayer):  # a CPU host's slice on disk: read straight into the slot
+            offsets, elements = _layout(held.shapes)
+            slot.reserve(elements)
+            views = _views(slot.buffer, offsets)
+            held.read_into(views)
+            record["bytes_read"] = held.nbytes
+            record["host_s"] = time.perf_counter() - started
+            return views, record
         if held is not None:
             state = held.state()
         else:
@@ -202,9 +213,11 @@ class LayerStreamer:
         order = list(indices)
         streamed = [i for i in order if i not in resident]
         if self.device.type == "cpu":
-            # On CPU, host memory is the compute memory: held layers are used where they are.
-            resident.update({i: held[i] for i in streamed if i in held})
-            streamed = [i for i in streamed if i not in held]
+            # On CPU, host memory is the compute memory: layers held in memory are used where they are
+            # (slices written to disk still stream).
+            in_memory = {i for i in streamed if isinstance(held.get(i), LayerWeights)}
+            resident.update({i: held[i] for i in in_memory})
+            streamed = [i for i in streamed if i not in in_memory]
         copies: list = []  # CUDA events around each copy, read once the pass is over
         futures: dict[int, Future] = {}
         cursor = 0

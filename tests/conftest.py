@@ -70,12 +70,24 @@ def image_path(tmp_path_factory) -> Path:
     return write_test_image(tmp_path_factory.mktemp("img") / "picture.png")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_dtype_measured():
+    """The CPU's dtype measured (or read) once before any test, so the CLI's one-time notice of that
+    measurement lands in no test's stderr; tests/test_cpu_dtype.py asks for it on purpose."""
+    from runtime.cpu_dtype import cpu_dtype
+
+    cpu_dtype()
+
+
 @pytest.fixture(scope="session")
 def demo_home(tmp_path_factory):
     """An EDGECM_HOME of the test session's own, so the demo is built from the installed GGUF here."""
+    from runtime.cpu_dtype import cpu_dtype
+
     home = tmp_path_factory.mktemp("edgecm_home")
     patch = pytest.MonkeyPatch()
     patch.setenv("EDGECM_HOME", str(home))
+    cpu_dtype()  # measured into this home too, for the same reason
     yield home
     patch.undo()
 

@@ -63,7 +63,7 @@ def llava(build_llava, image_path, wide_image_path):
                       load_image(wide_image_path)),
         builder.build("Count to ten."),  # text only, in the same batch
     ]
-    return Engine(checkpoint, resident=True), builder, prompts
+    return Engine(checkpoint, dtype="float32", resident=True), builder, prompts
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))
@@ -143,7 +143,7 @@ def test_batched_qwen2_5_vl_with_images_and_a_video_equals_each_alone(build_qwen
         builder.build("What happens in this clip, from start to end?", video=read_video(frames_dir)),
         builder.build("Say hello.", load_image(image_path)),
     ]
-    engine = Engine(checkpoint, resident=True)
+    engine = Engine(checkpoint, dtype="float32", resident=True)
     sparsity = SETTINGS[name]
     singles = [engine.generate(p, FORCED_LENGTH, sparsity=sparsity, collect_logits=True) for p in prompts]
     batched = generate_batch(engine, prompts, FORCED_LENGTH, sparsity=sparsity, collect_logits=True)
@@ -156,9 +156,9 @@ def test_batched_llama_streamed_equals_alone(build_llama):
     checkpoint = open_checkpoint(model_dir)
     builder = PromptBuilder(checkpoint)
     prompts = [builder.build(q) for q in ("Hi.", "Count the objects: one, two, three.", "Edge devices run models.")]
-    engine = Engine(checkpoint)
+    engine = Engine(checkpoint, dtype="float32")
     plan = engine.plan_for(max(p.num_tokens for p in prompts), 0, NEW_TOKENS, DENSE, batch=3)
-    streamed = Engine(checkpoint, budget=str(plan.min_budget))
+    streamed = Engine(checkpoint, dtype="float32", budget=str(plan.min_budget))
     singles = [streamed.generate(p, FORCED_LENGTH, collect_logits=True, sparsity=DENSE) for p in prompts]
     single_reads = singles[0].memory.decode_weights_read_bytes
     batched = generate_batch(streamed, prompts, FORCED_LENGTH, collect_logits=True, sparsity=DENSE)
@@ -172,10 +172,10 @@ def test_a_batch_the_budget_cannot_hold_is_refused_with_the_numbers(build_llama)
     model_dir, _ = build_llama()
     checkpoint = open_checkpoint(model_dir)
     builder = PromptBuilder(checkpoint)
-    engine = Engine(checkpoint)
+    engine = Engine(checkpoint, dtype="float32")
     prompt = builder.build("Hi.")
     floor = engine.plan_for(prompt.num_tokens, 0, NEW_TOKENS, DENSE).min_budget
-    tight = Engine(checkpoint, budget=str(floor))
+    tight = Engine(checkpoint, dtype="float32", budget=str(floor))
     with pytest.raises(EdgecmError, match=r"a batch of 64 does not fit in .* needs at least .* GiB") as err:
         generate_batch(tight, [prompt] * 64, FORCED_LENGTH, sparsity=DENSE)
     assert "--batch-size" in str(err.value) and "\n" not in str(err.value)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import edgecm_cli
 from test_show import framed_patches
 
 from edgecm.demo import SHIPPED_CALIBRATION
 from edgecm_cli.show import PATCH_SCALE
+from runtime.cpu_dtype import cpu_dtype
 
 
 def test_caption_and_show_on_the_demo(demo_home, image_path, tmp_path, capsys):
@@ -43,15 +46,18 @@ def test_run_json_on_the_demo(demo_home, image_path, capsys):
     assert set(record["kv_cache_tokens"]) == {text_tokens + 64 + len(record["token_ids"]) - 1}
 
 
-def test_the_readme_first_command_prunes_with_the_calibration_and_answers_right(demo_home, capsys):
-    """The calibrated token setting, every FFN neuron (the README says why)."""
+@pytest.mark.parametrize("dtype", [None, "float32", "bfloat16"])
+def test_the_readme_first_command_prunes_with_the_calibration_and_answers_right(demo_home, capsys, dtype):
+    """The calibrated token setting, every FFN neuron (the README says why), in the dtype this CPU chose and in
+    each of the two it chooses from."""
     from pathlib import Path
 
     shapes = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
     assert edgecm_cli.main(["run", "--image", str(shapes), "--question", "What is in the picture?", "--neurons",
-                            "dense", "--json"]) == 0
+                            "dense", "--json", *(["--dtype", dtype] if dtype else [])]) == 0
     captured = capsys.readouterr()
     record = json.loads(captured.out)
+    assert record["dtype"] == (dtype or cpu_dtype().chosen)
     assert record["kept_image_tokens"] < record["image_tokens"] == 196  # it prunes
     shipped = json.loads(SHIPPED_CALIBRATION.read_text())
     assert record["calibrated"] and record["sparsity"]["token_rank"] == shipped["tokens"]["token_rank"]

@@ -36,7 +36,7 @@ def setup(build_llava, image_path):
     model_dir, reference = build_llava(**TINY)
     checkpoint = open_checkpoint(model_dir)
     prompt = PromptBuilder(checkpoint).build("Describe the picture in one sentence.", load_image(image_path))
-    return Engine(checkpoint, resident=True), prompt, reference
+    return Engine(checkpoint, dtype="float32", resident=True), prompt, reference
 
 
 def run(engine, prompt, sparsity, **kwargs):

@@ -38,7 +38,9 @@ REVIEWED_NON_BLOCKING = {
 }
 # Where torch.Generator may be made: the sampler's, on the logits' device, and the random token ranking's,
 # on the CPU by design, so that a seed keeps the same tokens on every device.
-REVIEWED_GENERATORS = {("edgecm/sampling.py", "seeded_generator"), ("edgecm/corematching.py", "random_scores")}
+# The last two draw CPU tensors only: the dtype timing's operands and a random checkpoint's weights.
+REVIEWED_GENERATORS = {("edgecm/sampling.py", "seeded_generator"), ("edgecm/corematching.py", "random_scores"),
+                       ("runtime/cpu_dtype.py", "measure"), ("edgecm/synthetic.py", "_random_tensor")}
 
 
 def _calls(keyword: str | None = None, callee: str | None = None) -> set[tuple[str, str]]:

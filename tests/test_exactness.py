@@ -42,7 +42,7 @@ def test_llava_matches_transformers(variant, build_llava, image_path):
     builder = PromptBuilder(checkpoint)
     prompt = builder.build(QUESTION, load_image(image_path))
     assert prompt.image_positions.numel() == checkpoint.config.vision.tokens_per_image
-    engine = Engine(checkpoint)
+    engine = Engine(checkpoint, dtype="float32")
 
     ours = engine.forward(prompt)
     with torch.no_grad():
@@ -68,7 +68,7 @@ def test_llava_text_only_prompt_matches_transformers(build_llava):
     assert prompt.pixel_values is None and prompt.image_positions.numel() == 0
     with torch.no_grad():
         theirs = reference(input_ids=prompt.input_ids).logits
-    assert_logits_close(Engine(checkpoint).forward(prompt), theirs, FP32_LOGIT_ATOL)
+    assert_logits_close(Engine(checkpoint, dtype="float32").forward(prompt), theirs, FP32_LOGIT_ATOL)
 
 
 def test_fallback_template_is_llava_15(build_llava, image_path):
@@ -123,7 +123,7 @@ def test_llama_matches_transformers(variant, build_llama):
     assert checkpoint.config.text.rope.rope_type == reference.config.rope_parameters["rope_type"]
     builder = PromptBuilder(checkpoint)
     prompt = builder.build("The quick brown fox jumps over the lazy dog and counts one, two, three.")
-    engine = Engine(checkpoint)
+    engine = Engine(checkpoint, dtype="float32")
     with torch.no_grad():
         theirs = reference(input_ids=prompt.input_ids).logits
     assert_logits_close(engine.forward(prompt), theirs, FP32_LOGIT_ATOL)

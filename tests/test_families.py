@@ -38,7 +38,7 @@ def test_a_config_without_architectures_is_recognised_by_model_type(build_llava,
     checkpoint = open_checkpoint(copy)
     assert checkpoint.family.name == "llava"
     prompt = PromptBuilder(checkpoint).build("What is shown?", load_image(image_path))
-    logits = Engine(checkpoint).forward(prompt)
+    logits = Engine(checkpoint, dtype="float32").forward(prompt)
     with torch.no_grad():
         expected = reference(input_ids=prompt.input_ids, pixel_values=prompt.pixel_values).logits
     torch.testing.assert_close(logits, expected.float(), rtol=0, atol=1e-4)

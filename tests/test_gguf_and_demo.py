@@ -49,7 +49,7 @@ def test_gguf_matches_transformers(gguf_reference):
     assert text.tie_word_embeddings
     builder = PromptBuilder(checkpoint)
     prompt = builder.build(QUESTION)
-    engine = Engine(checkpoint, resident=True)
+    engine = Engine(checkpoint, dtype="float32", resident=True)
     ours = engine.forward(prompt)
     with torch.no_grad():
         theirs = gguf_reference(input_ids=prompt.input_ids).logits
@@ -81,7 +81,7 @@ def test_demo_is_built_once_and_answers_with_real_language_weights(demo_home, im
     torch.testing.assert_close(stored.float(), original.to(torch.float16).float(), rtol=0, atol=0)
 
     builder = PromptBuilder(checkpoint)
-    engine = Engine(checkpoint, resident=True)
+    engine = Engine(checkpoint, dtype="float32", resident=True)
     prompt = builder.build("What is the capital of France?")
     answer = engine.generate(prompt, GenerationSettings(max_new_tokens=16), builder.stop_token_ids, sparsity=DENSE)
     answer = builder.decode(answer.token_ids)

@@ -57,8 +57,8 @@ def test_sizes_match_the_checkpoint_and_the_engine(build_llava, image_path):
     from edgecm.vision import load_image
 
     prompt = PromptBuilder(checkpoint).build("What is shown?", load_image(image_path))
-    result = Engine(checkpoint).generate(prompt, GenerationSettings(max_new_tokens=4, stop_at_eos=False),
-                                         sparsity=DENSE)
+    result = Engine(checkpoint, dtype="float32").generate(  # the dtype the sizes above were computed in
+        prompt, GenerationSettings(max_new_tokens=4, stop_at_eos=False), sparsity=DENSE)
     assert result.memory.kv_cache_bytes == sizes.kv_per_token * (prompt.num_tokens + 3)
 
 

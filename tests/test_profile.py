@@ -34,6 +34,13 @@ def test_quick_profile_is_usable_by_the_planner(tmp_path, capsys):
         assert (bf16 - half) / (fp32 + half) - 0.005 <= printed["bfloat16_matmul_speedup"] <= (
             (bf16 + half) / max(fp32 - half, 1e-9) + 0.005)
     assert "supports_bf16" in printed["notes"] and "speed" in printed["notes"]["supports_bf16"]
+    # What it measured for the dtype and what it chose; the engine's default reads that choice from then on.
+    choice = printed["dtype_choice"]
+    assert printed["default_dtype"] == profile.default_dtype == choice["chosen"] in ("float32", "bfloat16")
+    assert choice["reason"] and (choice["gemm_ms"] is None) == (not choice["flags"])
+    from runtime.cpu_dtype import cpu_dtype
+
+    assert cpu_dtype().to_json() == choice
     code = edgecm_cli.main(["plan", "--shape", "llava-1.5-7b", "--budget", "16GiB", "--profile", str(out),
                             "--weights", "bfloat16", "--json"])
     assert code == (0 if profile.supports_bf16 else 2)

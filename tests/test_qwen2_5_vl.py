@@ -42,7 +42,7 @@ def loaded(build_qwen2_5_vl):
         if name not in cache:
             model_dir, reference = build_qwen2_5_vl(**MODELS[name])
             checkpoint = open_checkpoint(model_dir)
-            cache[name] = Engine(checkpoint, resident=True), PromptBuilder(checkpoint), reference
+            cache[name] = Engine(checkpoint, dtype="float32", resident=True), PromptBuilder(checkpoint), reference
         return cache[name]
 
     return load
@@ -249,7 +249,7 @@ def test_show_frames_exactly_the_kept_tokens_of_a_wide_image(build_qwen2_5_vl, w
     assert code == 0 and out.is_file()
     checkpoint = open_checkpoint(model_dir)
     prompt = PromptBuilder(checkpoint).build(QUESTION, load_image(wide_image_path))
-    result = Engine(checkpoint).generate(
+    result = Engine(checkpoint, dtype="float32").generate(
         prompt, GenerationSettings(max_new_tokens=4), sparsity=SparsitySettings(tokens=TokenRule.parse("count:5"))
     )
     picture = Image.open(out).convert("RGB")

@@ -26,7 +26,7 @@ def setup(build_qwen2_5_vl, frames_dir):
     checkpoint = open_checkpoint(model_dir)
     builder = PromptBuilder(checkpoint)
     prompt = builder.build(QUESTION, video=read_video(frames_dir))
-    return Engine(checkpoint, resident=True), builder, reference, prompt
+    return Engine(checkpoint, dtype="float32", resident=True), builder, reference, prompt
 
 
 def reference_inputs(prompt):
@@ -240,7 +240,7 @@ def test_show_frames_the_kept_tokens_of_each_temporal_patch(build_qwen2_5_vl, fr
     assert code == 0 and out.is_file()
     checkpoint = open_checkpoint(model_dir)
     prompt = PromptBuilder(checkpoint).build(QUESTION, video=read_video(frames_dir))
-    result = Engine(checkpoint).generate(
+    result = Engine(checkpoint, dtype="float32").generate(
         prompt, GenerationSettings(max_new_tokens=4), sparsity=SparsitySettings(tokens=TokenRule.parse("count:7"))
     )
     picture = Image.open(out).convert("RGB")

@@ -100,7 +100,7 @@ def setup(build_llava, image_path):
     model_dir, _ = build_llava(gqa=True, tied=False, layout="v5", sharded=False, chat_template=True)
     checkpoint = open_checkpoint(model_dir)
     prompt = PromptBuilder(checkpoint).build("Describe the picture in one sentence.", load_image(image_path))
-    return Engine(checkpoint, resident=True), prompt
+    return Engine(checkpoint, dtype="float32", resident=True), prompt
 
 
 def run(engine, prompt, sparsity):
@@ -255,7 +255,7 @@ def test_qwen2_5_vl_image_at_a_budget(build_qwen2_5_vl, image_path):
     model_dir, _ = build_qwen2_5_vl()
     checkpoint = open_checkpoint(model_dir)
     prompt = PromptBuilder(checkpoint).build("What is in the picture?", load_image(image_path))
-    engine = Engine(checkpoint, resident=True)
+    engine = Engine(checkpoint, dtype="float32", resident=True)
     n_image = prompt.image_positions.numel()
     result = run(engine, prompt, sparse(tokens=TokenRule("count", n_image // 3)))
     assert result.kept_image_tokens == n_image // 3

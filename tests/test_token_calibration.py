@@ -50,7 +50,7 @@ def llava(build_llava, image_path, wide_image_path):
     model_dir, _ = build_llava(gqa=True, tied=False, layout="v5", sharded=False, chat_template=True)
     checkpoint = open_checkpoint(model_dir)
     builder = PromptBuilder(checkpoint)
-    engine = Engine(checkpoint, resident=True)
+    engine = Engine(checkpoint, resident=True, dtype="float32")  # exact up to float32 round-off
     refs = dense_references(engine, prompts_for(builder, image_path, wide_image_path), builder.stop_token_ids, 6)
     return engine, refs
 
@@ -101,7 +101,7 @@ def test_sweep_equals_the_engine_on_qwen_with_a_video(build_qwen2_5_vl, image_pa
     model_dir, _ = build_qwen2_5_vl()
     checkpoint = open_checkpoint(model_dir)
     builder = PromptBuilder(checkpoint)
-    engine = Engine(checkpoint, resident=True)
+    engine = Engine(checkpoint, resident=True, dtype="float32")  # exact up to float32 round-off
     refs = dense_references(engine, prompts_for(builder, image_path, wide_image_path, frames_dir),
                             builder.stop_token_ids, 5)
     chosen = [Candidate(rank, k, TokenRule.parse(tokens)) for rank, k, tokens in [

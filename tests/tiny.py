@@ -14,45 +14,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-CORPUS = [
-    "What is shown in this image? A red square, a blue circle and a green triangle.",
-    "Describe the picture in one sentence. The sky is clear and the grass is green.",
-    "USER: ASSISTANT: The quick brown fox jumps over the lazy dog.",
-    "Count the objects: one, two, three, four, five, six, seven, eight, nine, ten.",
-    "Edge devices run vision-language models with little memory and small GPUs.",
-]
-
-LLAVA_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-    " {% else %}ASSISTANT: {% for item in message['content'] %}{{ item['text'] }}{% endfor %}</s>{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
+from edgecm.synthetic import CORPUS, LLAVA_CHAT_TEMPLATE, small_tokenizer  # noqa: F401  (re-exported)
 
 
 def make_tokenizer():
     """A byte-level BPE tokenizer trained on a few sentences, with LLaMA-style BOS and an <image> token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<unk>", "<s>", "</s>", "<image>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="</s>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    return small_tokenizer(CORPUS)
 
 
 def _text_config(vocab: int, gqa: bool, tied: bool, layers: int = 3, **extra):
