@@ -102,6 +102,7 @@ def edgecm_prompts(checkpoint, kind: str, count: int) -> list:
 
 def run_edgecm(model: Path, kind: str, batch: int, args, budget: str | None) -> dict:
     from edgecm.checkpoint import open_checkpoint
+    from edgecm.sparsity import DENSE
     from runtime.batch import generate_batch
     from runtime.engine import Engine, GenerationSettings
 
