@@ -85,8 +85,8 @@ MEASURE = textwrap.dedent(
     settings = GenerationSettings(max_new_tokens=8, stop_at_eos=False)
     budget = None
     if sys.argv[2] == "smallest-budget":
-        budget = str(Engine(checkpoint).plan_for(prompt.num_tokens, 0, 8, DENSE).min_budget)
-    engine = Engine(checkpoint, budget=budget)
+        budget = str(Engine(checkpoint, dtype="float32").plan_for(prompt.num_tokens, 0, 8, DENSE).min_budget)
+    engine = Engine(checkpoint, budget=budget, dtype="float32")  # the bounds below are in float32 bytes
     result = engine.generate(prompt, settings, sparsity=DENSE)
     mem = result.memory
     print(json.dumps({"growth": mem.rss_peak_bytes - mem.rss_start_bytes, "read": mem.weights_read_bytes,
