@@ -585,14 +585,15 @@ def load_model(args: argparse.Namespace) -> Loaded:
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingSettings(temperature=args.temperature, top_p=args.top_p, seed=args.seed),
     )
-    if args.dtype is None and args.device == "cpu":
+    dtype = args.dtype
+    if dtype is None and args.device == "cpu":  # resolved here, as the engine would, to say so if it measured
         from runtime.cpu_dtype import cache_path, cpu_dtype
 
-        cpu_dtype(on_measured=lambda choice: print(
+        dtype = cpu_dtype(on_measured=lambda choice: print(
             f"edgecm: measured this CPU once for its compute dtype: {choice.chosen} ({choice.reason}); kept in "
-            f"{cache_path()}, --dtype overrides it", file=sys.stderr))
+            f"{cache_path()}, --dtype overrides it", file=sys.stderr)).chosen
     engine = Engine(
-        checkpoint, device=args.device, dtype=args.dtype, resident=args.resident, budget=args.budget, quant=args.quant
+        checkpoint, device=args.device, dtype=dtype, resident=args.resident, budget=args.budget, quant=args.quant
     )
     if args.budget is not None and parse_bytes(args.budget) > engine.budget:
         print(f"edgecm: --budget {args.budget} is more than the {engine.device.type} device has; "

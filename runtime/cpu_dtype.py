@@ -64,17 +64,21 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def bf16_flags() -> list[str]:
-    """The bfloat16 instruction flags this CPU reports (Linux's /proc/cpuinfo; none known elsewhere)."""
+def cpu_flags() -> set[str]:
+    """Every instruction flag this CPU reports (Linux's /proc/cpuinfo; none known elsewhere)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return []
-    flags = set()
+        return set()
     for line in text.splitlines():
         if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-            break
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def bf16_flags() -> list[str]:
+    """The bfloat16 instruction flags among them."""
+    flags = cpu_flags()
     return [f for f in BF16_FLAGS if f in flags]
 
 
